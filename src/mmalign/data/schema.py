@@ -1,0 +1,259 @@
+"""The one data schema of mmalign: conversations with images, SFT samples, preference pairs with
+corrected spans / aspect scores / critiques / facts, ranked lists and multi-turn dialogues.
+
+Content parts follow the Hugging Face chat-template convention (``{"type": "text", "text": ...}`` and
+``{"type": "image"}``), so ``Message.model_dump()`` can be handed to ``apply_chat_template`` as is.
+Image parts carry no pixels: the k-th image part of a record refers to ``record.images[k]``
+(in order of appearance over the whole conversation, prompt first then responses).
+A video is a run of image parts, one per frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mmalign.errors import DataError
+
+Role = Literal["system", "user", "assistant"]
+
+
+class SchemaError(DataError):
+    """A record does not satisfy the schema; the message names ``file:line: field: problem``."""
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(BaseModel):
+    """Placeholder for the next image of the record (see module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image"] = "image"
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ImageRef(BaseModel):
+    """An image stored either as a path (relative to the JSONL file's folder, or absolute) or as
+    embedded PNG bytes (base64 in JSON). Exactly one of the two is set."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    png: bytes | None = Field(default=None, description="PNG bytes; base64 in JSON")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.path is None) == (self.png is None):
+            raise ValueError("an image needs exactly one of 'path' or 'png'")
+        return self
+
+    @field_validator("png", mode="before")
+    @classmethod
+    def _decode_b64(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return base64.b64decode(value)
+        return value
+
+    @classmethod
+    def from_pil(cls, image: Any) -> ImageRef:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return cls(png=buf.getvalue())
+
+    def resolve(self, base_dir: Path | None) -> Path | None:
+        """Absolute path of a path-stored image (None for embedded ones)."""
+        if self.path is None:
+            return None
+        p = Path(self.path)
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+
+    def load(self, base_dir: Path | None = None) -> Any:
+        """Open as an RGB ``PIL.Image``."""
+        from PIL import Image
+
+        if self.png is not None:
+            return Image.open(io.BytesIO(self.png)).convert("RGB")
+        path = self.resolve(base_dir)
+        assert path is not None
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+    content: list[Part]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _str_to_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        return value
+
+    @property
+    def text(self) -> str:
+        """Concatenated text of the text parts."""
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def n_images(self) -> int:
+        return sum(isinstance(p, ImagePart) for p in self.content)
+
+    @classmethod
+    def user(cls, text: str, n_images: int = 0) -> Message:
+        """A user turn with ``n_images`` image parts before the text."""
+        parts: list[TextPart | ImagePart] = [ImagePart() for _ in range(n_images)]
+        parts.append(TextPart(text=text))
+        return cls(role="user", content=parts)
+
+    @classmethod
+    def assistant(cls, text: str) -> Message:
+        return cls(role="assistant", content=[TextPart(text=text)])
+
+    @classmethod
+    def system(cls, text: str) -> Message:
+        return cls(role="system", content=[TextPart(text=text)])
+
+
+Conversation = list[Message]
+
+
+def count_image_parts(messages: list[Message]) -> int:
+    return sum(m.n_images for m in messages)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    images: list[ImageRef] = Field(default_factory=list)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def _check_image_count(self, messages: list[Message], extra: int = 0) -> None:
+        n = count_image_parts(messages) + extra
+        if n != len(self.images):
+            raise ValueError(f"{n} image part(s) in the conversation but {len(self.images)} image(s) given")
+
+
+class Sample(_Record):
+    """An SFT example: a conversation whose assistant turns are trained on."""
+
+    kind: Literal["sample"] = "sample"
+    conversation: list[Message]
+
+    @model_validator(mode="after")
+    def _valid(self) -> Sample:
+        if not self.conversation:
+            raise ValueError("conversation is empty")
+        if not any(m.role == "assistant" for m in self.conversation):
+            raise ValueError("conversation has no assistant turn to train on")
+        for m in self.conversation:
+            if m.role == "assistant" and not m.text.strip() and m.n_images == 0:
+                raise ValueError("empty assistant response")
+        self._check_image_count(self.conversation)
+        return self
+
+
+Span = tuple[int, int]
+
+
+class PreferencePair(_Record):
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response.
+
+    Fine-grained feedback, all optional:
+    - ``chosen_spans`` / ``rejected_spans``: character spans ``[start, end)`` of the text that differs
+      (RLHF-V: the corrected segments in ``chosen``, the hallucinated segments in ``rejected``);
+    - ``scores``: per-side aspect scores, ``{"chosen": {"correctness": 4, ...}, "rejected": {...}}``;
+    - ``critique``: per-side critique text, ``{"chosen": "...", "rejected": "..."}``;
+    - ``facts``: ground-truth statements about the image (fact-augmented reward models);
+    - ``margin``: preference strength (e.g. score gap) used by MM-DPO / margin BT.
+    """
+
+    kind: Literal["pair"] = "pair"
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    chosen_spans: list[Span] | None = None
+    rejected_spans: list[Span] | None = None
+    scores: dict[Literal["chosen", "rejected"], dict[str, float]] | None = None
+    critique: dict[Literal["chosen", "rejected"], str] | None = None
+    facts: list[str] | None = None
+    margin: float | None = None
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _valid(self) -> PreferencePair:
+        if not self.prompt or self.prompt[-1].role != "user":
+            raise ValueError("prompt must end with a user turn")
+        for side in ("chosen", "rejected"):
+            if not getattr(self, side).strip():
+                raise ValueError(f"empty {side} response")
+        for side, spans in (("chosen", self.chosen_spans), ("rejected", self.rejected_spans)):
+            text = getattr(self, side)
+            for start, end in spans or []:
+                if not 0 <= start <= end <= len(text):
+                    raise ValueError(f"{side}_spans: span ({start}, {end}) outside the {len(text)}-char text")
+        self._check_image_count(self.prompt)
+        return self
+
+    def conversation(self, side: Literal["chosen", "rejected"]) -> list[Message]:
+        return [*self.prompt, Message.assistant(getattr(self, side))]
+
+
+class Ranking(_Record):
+    """K responses to one prompt with per-response aspect scores (higher is better)."""
+
+    kind: Literal["ranking"] = "ranking"
+    prompt: list[Message]
+    responses: list[str]
+    scores: list[dict[str, float]]
+
+    @model_validator(mode="after")
+    def _valid(self) -> Ranking:
+        if len(self.responses) < 2:
+            raise ValueError("a ranking needs at least 2 responses")
+        if len(self.scores) != len(self.responses):
+            raise ValueError(f"{len(self.scores)} score dicts for {len(self.responses)} responses")
+        if any(not r.strip() for r in self.responses):
+            raise ValueError("empty response in ranking")
+        self._check_image_count(self.prompt)
+        return self
+
+
+class Dialogue(_Record):
+    """A multi-turn conversation with per-assistant-turn ground truth (for symbolic rewards).
+
+    ``truths[k]`` belongs to the k-th assistant turn (e.g. ``{"answer": "yes", "depends_on": [0]}``).
+    """
+
+    kind: Literal["dialogue"] = "dialogue"
+    conversation: list[Message]
+    truths: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _valid(self) -> Dialogue:
+        n_assist = sum(m.role == "assistant" for m in self.conversation)
+        if n_assist == 0:
+            raise ValueError("dialogue has no assistant turn")
+        if self.truths and len(self.truths) != n_assist:
+            raise ValueError(f"{len(self.truths)} truths for {n_assist} assistant turns")
+        self._check_image_count(self.conversation)
+        return self
+
+
+Record = Sample | PreferencePair | Ranking | Dialogue
+RECORD_TYPES: dict[str, type[BaseModel]] = {
+    "sample": Sample,
+    "pair": PreferencePair,
+    "ranking": Ranking,
+    "dialogue": Dialogue,
+}
