@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from mmalign.errors import DataError
 
@@ -24,6 +24,15 @@ Role = Literal["system", "user", "assistant"]
 
 class SchemaError(DataError):
     """A record does not satisfy the schema; the message names ``file:line: field: problem``."""
+
+
+class FieldProblem(ValueError):
+    """Raised by record validators so that readers can report *which* field is wrong: pydantic gives
+    whole-record validators an empty location, so the dotted field path travels on the exception."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(problem)
+        self.field = field
 
 
 class TextPart(BaseModel):
@@ -62,6 +71,10 @@ class ImageRef(BaseModel):
         if isinstance(value, str):
             return base64.b64decode(value)
         return value
+
+    @field_serializer("png", when_used="json")
+    def _encode_b64(self, value: bytes | None) -> str | None:
+        return None if value is None else base64.b64encode(value).decode("ascii")
 
     @classmethod
     def from_pil(cls, image: Any) -> ImageRef:
@@ -141,7 +154,9 @@ class _Record(BaseModel):
     def _check_image_count(self, messages: list[Message], extra: int = 0) -> None:
         n = count_image_parts(messages) + extra
         if n != len(self.images):
-            raise ValueError(f"{n} image part(s) in the conversation but {len(self.images)} image(s) given")
+            raise FieldProblem(
+                "images", f"{n} image part(s) in the conversation but {len(self.images)} image(s) given"
+            )
 
 
 class Sample(_Record):
@@ -153,12 +168,12 @@ class Sample(_Record):
     @model_validator(mode="after")
     def _valid(self) -> Sample:
         if not self.conversation:
-            raise ValueError("conversation is empty")
+            raise FieldProblem("conversation", "conversation is empty")
         if not any(m.role == "assistant" for m in self.conversation):
-            raise ValueError("conversation has no assistant turn to train on")
-        for m in self.conversation:
+            raise FieldProblem("conversation", "conversation has no assistant turn to train on")
+        for i, m in enumerate(self.conversation):
             if m.role == "assistant" and not m.text.strip() and m.n_images == 0:
-                raise ValueError("empty assistant response")
+                raise FieldProblem(f"conversation.{i}.content", "empty assistant response")
         self._check_image_count(self.conversation)
         return self
 
@@ -193,15 +208,17 @@ class PreferencePair(_Record):
     @model_validator(mode="after")
     def _valid(self) -> PreferencePair:
         if not self.prompt or self.prompt[-1].role != "user":
-            raise ValueError("prompt must end with a user turn")
+            raise FieldProblem("prompt", "prompt must end with a user turn")
         for side in ("chosen", "rejected"):
             if not getattr(self, side).strip():
-                raise ValueError(f"empty {side} response")
+                raise FieldProblem(side, f"empty {side} response")
         for side, spans in (("chosen", self.chosen_spans), ("rejected", self.rejected_spans)):
             text = getattr(self, side)
-            for start, end in spans or []:
+            for k, (start, end) in enumerate(spans or []):
                 if not 0 <= start <= end <= len(text):
-                    raise ValueError(f"{side}_spans: span ({start}, {end}) outside the {len(text)}-char text")
+                    raise FieldProblem(
+                        f"{side}_spans.{k}", f"span ({start}, {end}) outside the {len(text)}-char text"
+                    )
         self._check_image_count(self.prompt)
         return self
 
@@ -220,11 +237,14 @@ class Ranking(_Record):
     @model_validator(mode="after")
     def _valid(self) -> Ranking:
         if len(self.responses) < 2:
-            raise ValueError("a ranking needs at least 2 responses")
+            raise FieldProblem("responses", "a ranking needs at least 2 responses")
         if len(self.scores) != len(self.responses):
-            raise ValueError(f"{len(self.scores)} score dicts for {len(self.responses)} responses")
-        if any(not r.strip() for r in self.responses):
-            raise ValueError("empty response in ranking")
+            raise FieldProblem(
+                "scores", f"{len(self.scores)} score dicts for {len(self.responses)} responses"
+            )
+        for k, r in enumerate(self.responses):
+            if not r.strip():
+                raise FieldProblem(f"responses.{k}", "empty response in ranking")
         self._check_image_count(self.prompt)
         return self
 
@@ -243,9 +263,9 @@ class Dialogue(_Record):
     def _valid(self) -> Dialogue:
         n_assist = sum(m.role == "assistant" for m in self.conversation)
         if n_assist == 0:
-            raise ValueError("dialogue has no assistant turn")
+            raise FieldProblem("conversation", "dialogue has no assistant turn")
         if self.truths and len(self.truths) != n_assist:
-            raise ValueError(f"{len(self.truths)} truths for {n_assist} assistant turns")
+            raise FieldProblem("truths", f"{len(self.truths)} truths for {n_assist} assistant turns")
         self._check_image_count(self.conversation)
         return self
 
