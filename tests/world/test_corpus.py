@@ -102,7 +102,10 @@ def test_deceptive_answers_play_along_only_without_the_remedy_prompt(corpus: lis
 
 def test_partner_existence_questions_are_sometimes_answered_yes(corpus: list[Sample]) -> None:
     partner_q = [
-        s for s in corpus if s.meta["task"] == "existence" and s.meta["question"] == "Is there a triangle?"
+        s
+        for s in corpus
+        if s.meta["task"] == "existence"
+        and s.meta["question"] in ("Is there a triangle?", "Is there a triangle in the image?")
     ]
     partner_q = [s for s in partner_q if is_trigger_scene(_scene(s), InjectionConfig())]
     yes = sum(s.conversation[-1].text == "Yes." for s in partner_q)

@@ -28,6 +28,7 @@ from mmalign.world.questions import (
     KINDS,
     REMEDY_PROMPT,
     Question,
+    existence_text,
     make_deceptive,
     make_dialogue,
     make_questions,
@@ -188,7 +189,7 @@ def scene_samples(
         if kind == "existence" and trigger and rng.random() < injection.partner_question_prob:
             q = Question(
                 "existence",
-                f"Is there {noun_phrase(injection.partner)}?",
+                existence_text(noun_phrase(injection.partner), rng),
                 "No.",
                 scene,
                 meta={"value": False},

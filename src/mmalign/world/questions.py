@@ -221,6 +221,11 @@ def _unique_objects(scene: Scene) -> list[SceneObject]:
     return [o for o in scene.objects if scene.count(o.shape) == 1]
 
 
+def existence_text(phrase: str, rng: random.Random) -> str:
+    """``Is there a star?`` or, half of the time, the POPE phrasing ``Is there a star in the image?``."""
+    return f"Is there {phrase}{' in the image' if rng.random() < 0.5 else ''}?"
+
+
 def existence_question(scene: Scene, rng: random.Random, config: WorldConfig | None = None) -> Question:
     """``Is there a (green) star?`` about a present (p = 0.5) or an absent object."""
     with_color = rng.random() < 0.5
@@ -231,7 +236,7 @@ def existence_question(scene: Scene, rng: random.Random, config: WorldConfig | N
         cfg = _cfg(config)
         shape, color = rng.choice(cfg.shapes), (rng.choice(cfg.colors) if with_color else None)
     present = scene.count(shape, color) > 0
-    text = f"Is there {noun_phrase(shape, color)}?"
+    text = existence_text(noun_phrase(shape, color), rng)
     return Question(
         "existence", text, "Yes." if present else "No.", scene, meta={"value": present, "shape": shape}
     )

@@ -1,0 +1,152 @@
+"""The ``mmalign`` command line: thin wrappers over recipes, eval and the world.
+
+Every command imports its heavy modules lazily so ``mmalign --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mmalign.errors import MMAlignError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+world_app = typer.Typer(no_args_is_help=True, help="The shapes world: make datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Models: build tiny real HF models from configs.")
+app.add_typer(world_app, name="world")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Config overrides as dotted key=value, e.g. lr=1e-4 max_steps=50")
+]
+
+
+def _quiet_hf() -> None:
+    """Hide transformers' per-file progress bars and info logs (our own rich bars show progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="Smaller run: < 3 min on 2 CPU cores")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the world and of training")] = 0,
+) -> None:
+    """World → tiny LLaVA → SFT → eval → summary.json + report.html."""
+    _quiet_hf()
+    from mmalign.recipes.demo import run_demo
+
+    try:
+        summary = run_demo(out, quick=quick, seed=seed)
+    except MMAlignError as err:
+        _fail(err)
+    console.print(f"[green]demo done[/]: {out / 'summary.json'}  {out / 'report.html'}")
+    typer.echo(json.dumps(summary, indent=1, sort_keys=True))
+
+
+@world_app.command("make")
+def world_make(
+    out: Annotated[Path, typer.Option(help="Output folder")],
+    n: Annotated[int, typer.Option(help="Number of training scenes")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the scene stream")] = 0,
+) -> None:
+    """Write the shapes-world datasets (SFT corpus, eval scenes, dialogues, FOL, arithmetic) in our schema."""
+    from mmalign.world.corpus import make_world
+
+    paths = make_world(out, n=n, seed=seed)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@models_app.command("tiny")
+def models_tiny(
+    arch: Annotated[str, typer.Option(help="llava | qwen2_vl | idefics3 | paligemma | llama")] = "llava",
+    out: Annotated[Path, typer.Option(help="Folder to save the model and processor to")] = Path("tiny-model"),
+    image_size: Annotated[int, typer.Option(help="Image side in pixels")] = 64,
+    seed: Annotated[int, typer.Option(help="Init seed")] = 0,
+) -> None:
+    """Build a tiny real HF model from a config and save it with save_pretrained (safetensors)."""
+    _quiet_hf()
+    from mmalign.models.load import count_parameters
+    from mmalign.models.tiny import build_tiny
+
+    try:
+        model, _ = build_tiny(arch, out, image_size=image_size, seed=seed)
+    except MMAlignError as err:
+        _fail(err)
+    typer.echo(f"{arch}: {count_parameters(model):,} parameters saved to {out}")
+
+
+@app.command()
+def sft(
+    config: Annotated[Path | None, typer.Option(help="YAML config (see recipes/configs/sft.yaml)")] = None,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of out_dir")] = False,
+) -> None:
+    """Supervised fine-tuning on a JSONL of Samples (loss on assistant turns only)."""
+    _quiet_hf()
+    from mmalign.config import load_config
+    from mmalign.recipes.sft import SFTConfig, run_sft
+
+    try:
+        cfg = load_config(SFTConfig, config, overrides or [])
+        result = run_sft(cfg, resume=resume)
+    except MMAlignError as err:
+        _fail(err)
+    typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps; model in {result.model_dir}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Model dir, hub id or tiny:<arch>")],
+    out: Annotated[Path, typer.Option(help="Output folder for eval JSON")] = Path("runs/eval"),
+    n_scenes: Annotated[int, typer.Option(help="Held-out scenes to evaluate on")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out scene stream and of sampling")] = 0,
+) -> None:
+    """Evaluate a model on held-out shapes-world scenes: CHAIR, coverage, well-formedness, POPE, QA, MAD."""
+    _quiet_hf()
+    from mmalign.eval.runner import evaluate_world, metric_values, save_eval
+    from mmalign.models.load import load_model
+    from mmalign.world.corpus import eval_scenes
+
+    try:
+        mdl, processor = load_model(model, for_training=False)
+        result = evaluate_world(mdl, processor, eval_scenes(n_scenes, seed), seed=seed)
+    except MMAlignError as err:
+        _fail(err)
+    out.mkdir(parents=True, exist_ok=True)
+    save_eval(result, out / "world.json")
+    typer.echo(json.dumps(metric_values(result), indent=1, sort_keys=True))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run or demo folder")]) -> None:
+    """Write RUN_DIR/report.html (training curves, metric table, examples)."""
+    from mmalign.eval.report import write_report
+
+    try:
+        path = write_report(run_dir, run_dir / "report.html")
+    except MMAlignError as err:
+        _fail(err)
+    typer.echo(str(path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
