@@ -25,7 +25,6 @@ import enum
 import inspect
 import itertools
 import os
-import tempfile
 import textwrap
 import types
 import typing
@@ -35,6 +34,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from mmalign.atomic import atomic_write_text
 from mmalign.errors import ConfigError
 
 T = TypeVar("T")
@@ -389,20 +389,8 @@ def _plain(value: Any) -> Any:
 
 def dump_config(cfg: Any, path: str | Path) -> Path:
     """Write ``cfg`` as YAML atomically (temp file + ``os.replace``); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------- docs

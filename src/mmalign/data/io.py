@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ValidationError
 
+from mmalign.atomic import atomic_write_lines
 from mmalign.data.schema import RECORD_TYPES, FieldProblem, ImageRef, Record
 from mmalign.errors import DataError
 
@@ -120,19 +120,7 @@ def write_jsonl(path: str | Path, records: Iterable[Record]) -> None:
     If anything fails (e.g. a record cannot be serialised) the temporary file is removed and an existing
     file at ``path`` is left untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(_to_json_line(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_lines(path, (_to_json_line(record) for record in records))
 
 
 # --------------------------------------------------------------------------------------- images

@@ -18,12 +18,11 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmalign.atomic import atomic_write_text
 from mmalign.errors import DataError
 from mmalign.world.oracle import Oracle
 from mmalign.world.render import render
@@ -272,14 +271,4 @@ def write_report(
     if not stages:
         raise DataError("no stages to report", field="source")
     text = build_html(stages, title)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_text(out_path, text)

@@ -23,13 +23,12 @@ nothing "hallucinates" nothing.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmalign.atomic import atomic_write_json
 from mmalign.data.schema import Message
 from mmalign.eval import metrics as M
 from mmalign.rollout import generate as G
@@ -274,19 +273,7 @@ def metric_values(result: dict[str, Any]) -> dict[str, float]:
 
 def save_eval(result: dict[str, Any], path: str | Path) -> Path:
     """Write ``result`` as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, result)
 
 
 def load_eval(path: str | Path) -> dict[str, Any]:

@@ -8,9 +8,6 @@ that the alignment stages (added by later issues) must improve on.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from mmalign.atomic import atomic_write_json
 from mmalign.eval.report import write_report
 from mmalign.eval.runner import evaluate_world, save_eval
 from mmalign.models.load import count_parameters, load_model
@@ -68,23 +66,19 @@ SUMMARY_KEYS = (
 )
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def stage_summary(result: dict[str, Any]) -> dict[str, float]:
     """The headline numbers of one stage's eval result (missing keys are skipped)."""
     return {k: float(result[k]) for k in SUMMARY_KEYS if isinstance(result.get(k), int | float)}
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo into ``out`` and return the summary (also written to ``out/summary.json``)."""
+def run_demo(
+    out: str | Path, *, quick: bool = False, seed: int = 0, size: DemoSize | None = None
+) -> dict[str, Any]:
+    """Run the demo into ``out`` and return the summary (also written to ``out/summary.json``).
+
+    ``size`` overrides the preset chosen by ``quick`` (tests use a miniature one)."""
     out = Path(out)
-    size = QUICK if quick else FULL
+    size = size or (QUICK if quick else FULL)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -136,6 +130,6 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
-    _write_json_atomic(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     write_report(out, out / "report.html")
     return summary

@@ -13,14 +13,14 @@ Train scenes and eval scenes come from disjoint seed streams (``2·seed`` and ``
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mmalign.atomic import atomic_write_lines
+from mmalign.data.io import write_jsonl
 from mmalign.data.schema import Dialogue, ImageRef, Message, Record, Sample
 from mmalign.world.grammar import CAPTION_PROMPT, DETAILED_CAPTION_PROMPT, caption, noun_phrase
 from mmalign.world.questions import (
@@ -257,27 +257,6 @@ def dialogue_records(scenes: Iterable[Scene], seed: int, split: str, config: Wor
     return out
 
 
-def _write_text_atomic(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_records(path: Path, records: list[Record]) -> None:
-    try:
-        from mmalign.data.io import write_jsonl
-    except ImportError:  # pragma: no cover - io.py is part of the package
-        _write_text_atomic(path, (r.model_dump_json() for r in records))
-    else:
-        write_jsonl(path, records)
-
-
 def _save_images(out_dir: Path, split: str, scenes: Iterable[Scene], size: int) -> Path:
     folder = out_dir / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -321,10 +300,10 @@ def make_world(
     }
     for name, recs in records.items():
         paths[name] = root / f"{name}.jsonl"
-        _write_records(paths[name], recs)
+        write_jsonl(paths[name], recs)
     paths["eval_scenes"] = root / "eval_scenes.jsonl"
     lines = (json.dumps({**s.to_dict(), "image_path": image_path("eval", s)}) for s in held_out)
-    _write_text_atomic(paths["eval_scenes"], lines)
+    atomic_write_lines(paths["eval_scenes"], lines)
     return paths
 
 

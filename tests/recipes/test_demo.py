@@ -1,0 +1,32 @@
+"""The demo pipeline end to end at a miniature size: every stage writes what the next one reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmalign.recipes.demo import SUMMARY_KEYS, DemoSize, run_demo, stage_summary
+
+
+def test_stage_summary_keeps_headline_numbers_only() -> None:
+    result = {"chair_i": 0.25, "coverage": 1, "records": [1, 2], "pope_adversarial_f1": 0.5, "other": 3.0}
+    assert stage_summary(result) == {"chair_i": 0.25, "coverage": 1.0, "pope_adversarial_f1": 0.5}
+
+
+def test_miniature_demo_writes_summary_report_and_run_dirs(tmp_path: Path) -> None:
+    size = DemoSize(n_scenes=24, n_eval=4, sft_steps=3, batch_size=4, lr=1e-3)
+    summary = run_demo(tmp_path, size=size, seed=1)
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    sft = on_disk["sft"]
+    for key in ("chair_i", "coverage", "well_formed", "pope_adversarial_f1", "deceptive_acc"):
+        assert key in SUMMARY_KEYS and 0.0 <= sft[key] <= 1.0
+    assert sft["steps"] == 3.0
+    assert on_disk["settings"]["sft_steps"] == 3 and on_disk["settings"]["seed"] == 1
+    metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 3
+    world = json.loads((tmp_path / "sft" / "eval" / "world.json").read_text())
+    assert world["chair_i"] == sft["chair_i"]
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "sft" in html
