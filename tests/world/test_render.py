@@ -43,8 +43,8 @@ def test_large_objects_cover_far_more_pixels_than_small_ones() -> None:
         image = render(Scene((SceneObject("square", "red", size, "top left"),), background="gray"), 64)
         return sum(px == COLOR_RGB["red"] for px in image.getdata())
 
-    # 32-px cell: small side 0.4 · 32 ≈ 13 px, large 0.8 · 32 ≈ 26 px (inclusive pixel bounds)
-    assert (covered("small"), covered("large")) == (14 * 14, 26 * 26)
+    # 32-px cell: small side 0.6 · 32 ≈ 19 px, large 0.9 · 32 ≈ 29 px (inclusive pixel bounds)
+    assert (covered("small"), covered("large")) == (20 * 20, 30 * 30)
 
 
 def test_background_fills_empty_space_for_each_background() -> None:

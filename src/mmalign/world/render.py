@@ -1,6 +1,7 @@
 """Deterministic Pillow renderer of shapes-world scenes.
 
-Each object is drawn in its grid cell — large objects fill ~80 % of the cell side, small ones ~40 % —
+Each object is drawn in its grid cell — large objects fill ~90 % of the cell side, small ones ~60 % (a
+tiny 16-px-patch vision tower tells shapes apart much sooner than at 40 %: measured in docs/RESULTS.md) —
 with flat colours and no anti-aliasing, so the pixel at a cell's centre is exactly the object colour.
 The written word (if any) is drawn in a contrasting colour centred on the first row boundary, where it
 never covers a cell centre.
@@ -33,7 +34,7 @@ TEXT_RGB: dict[str, tuple[int, int, int]] = {
     "gray": (255, 255, 255),
     "black": (255, 255, 255),
 }
-SIZE_FRACTION: dict[str, float] = {"small": 0.4, "large": 0.8}
+SIZE_FRACTION: dict[str, float] = {"small": 0.6, "large": 0.9}
 """Object side as a fraction of the cell side."""
 
 
