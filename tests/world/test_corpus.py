@@ -164,3 +164,9 @@ def test_written_png_is_the_rendered_scene(tmp_path: Path) -> None:
     sample = read_jsonl(paths["sft"])[0]
     expected = render(Scene.from_dict(sample.meta["scene"]), CFG.image_size)
     assert list(sample.images[0].load(tmp_path).getdata()) == list(expected.getdata())
+
+
+def test_about_half_of_existence_questions_use_pope_words(corpus: list[Sample]) -> None:
+    existence = [s.meta["question"] for s in corpus if s.meta["task"] == "existence"]
+    pope = sum(q.endswith(" in the image?") for q in existence)
+    assert len(existence) > 200 and _binomial_ok(pope, len(existence), 0.5)

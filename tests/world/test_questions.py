@@ -16,6 +16,7 @@ from mmalign.world.questions import (
     make_questions,
     play_along_answer,
     polarity,
+    pope_phrasing,
     pope_questions,
     reasoning_question,
 )
@@ -259,3 +260,13 @@ def test_dialogue_turns_are_consistent_with_each_other_and_the_scene() -> None:
         assert [t["depends_on"] for t in truths] == [[], [0], [0, 1]]
         conv = spec.conversation()
         assert [m.role for m in conv] == ["user", "assistant"] * 3 and conv[0].n_images == 1
+
+
+def test_pope_phrasing_keeps_answer_and_check_and_rejects_other_kinds() -> None:
+    scene = Scene((SceneObject("star", "green", "small", "top left"),))
+    q = Question("existence", "Is there a star?", "Yes.", scene, meta={"value": True, "shape": "star"})
+    pope = pope_phrasing(q)
+    assert (pope.text, pope.answer) == ("Is there a star in the image?", "Yes.")
+    assert pope.check("Yes.") and not pope.check("No.")
+    with pytest.raises(ValueError, match="not an existence question"):
+        pope_phrasing(Question("count", "How many stars are there?", "There is one star.", scene))

@@ -28,11 +28,11 @@ from mmalign.world.questions import (
     KINDS,
     REMEDY_PROMPT,
     Question,
-    existence_text,
     make_deceptive,
     make_dialogue,
     make_questions,
     play_along_answer,
+    pope_phrasing,
 )
 from mmalign.world.render import render
 from mmalign.world.scene import SIZES, Scene, SceneObject, WorldConfig, make_scene
@@ -78,6 +78,8 @@ class CorpusMix:
     """P(a deceptive question carries the remedy system prompt; then it is always answered correctly)."""
     dialogue_prob: float = 0.1
     """P(a scene also gets a three-turn dialogue sample)."""
+    pope_phrasing_prob: float = 0.5
+    """Share of existence questions asked in POPE's words (``Is there a star in the image?``)."""
 
 
 @dataclass
@@ -189,15 +191,18 @@ def scene_samples(
         if kind == "existence" and trigger and rng.random() < injection.partner_question_prob:
             q = Question(
                 "existence",
-                existence_text(noun_phrase(injection.partner), rng),
+                f"Is there {noun_phrase(injection.partner)}?",
                 "No.",
                 scene,
                 meta={"value": False},
             )
             answer = "Yes." if rng.random() < injection.partner_yes_prob else "No."
+            q = pope_phrasing(q) if rng.random() < mix.pope_phrasing_prob else q
             out.append(_qa_sample(f"{prefix}-qa{k}", item, q, answer, None))
             continue
         for q in make_questions(scene, rng, [kind], config):
+            if kind == "existence" and rng.random() < mix.pope_phrasing_prob:
+                q = pope_phrasing(q)
             out.append(_qa_sample(f"{prefix}-qa{k}", item, q, q.answer, None))
     if rng.random() < mix.deceptive_prob:
         dq = make_deceptive(scene, rng, rng.choice(DECEPTIVE_CATEGORIES), config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mmalign.data.schema import Message
@@ -221,9 +221,11 @@ def _unique_objects(scene: Scene) -> list[SceneObject]:
     return [o for o in scene.objects if scene.count(o.shape) == 1]
 
 
-def existence_text(phrase: str, rng: random.Random) -> str:
-    """``Is there a star?`` or, half of the time, the POPE phrasing ``Is there a star in the image?``."""
-    return f"Is there {phrase}{' in the image' if rng.random() < 0.5 else ''}?"
+def pope_phrasing(question: Question) -> Question:
+    """The existence question in POPE's words: ``Is there a star?`` → ``Is there a star in the image?``."""
+    if question.kind != "existence" or not question.text.endswith("?"):
+        raise ValueError(f"pope_phrasing: not an existence question: {question.text!r}")
+    return replace(question, text=question.text[:-1] + " in the image?")
 
 
 def existence_question(scene: Scene, rng: random.Random, config: WorldConfig | None = None) -> Question:
@@ -236,7 +238,7 @@ def existence_question(scene: Scene, rng: random.Random, config: WorldConfig | N
         cfg = _cfg(config)
         shape, color = rng.choice(cfg.shapes), (rng.choice(cfg.colors) if with_color else None)
     present = scene.count(shape, color) > 0
-    text = existence_text(noun_phrase(shape, color), rng)
+    text = f"Is there {noun_phrase(shape, color)}?"
     return Question(
         "existence", text, "Yes." if present else "No.", scene, meta={"value": present, "shape": shape}
     )
