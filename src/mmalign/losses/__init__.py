@@ -2,12 +2,12 @@
 
 - ``dpo.py``: the DPO family (DPO, IPO, cDPO, SimPO, DDPO, MM-DPO) — ``LossType`` with capability
   properties, ``sequence_scores``/``score_kwargs``, ``dynamic_beta``, ``preference_loss``, ``sft_nll``.
-- ``align.py``: ``align_tokens`` marks changed/unchanged tokens of a corrected vs original response (DDPO).
+- ``align_tokens`` (re-exported from ``mmalign.data.align``): changed/unchanged tokens for DDPO.
 """
 
 from __future__ import annotations
 
-from mmalign.losses.align import align_tokens
+from mmalign.data.align import align_tokens
 from mmalign.losses.dpo import (
     LossType,
     ScoreKwargs,

@@ -50,7 +50,7 @@ class LossType(StrEnum):
 
     @property
     def needs_segments(self) -> bool:
-        """Needs per-token ``changed`` masks (from spans or :func:`~mmalign.losses.align.align_tokens`)."""
+        """Needs per-token ``changed`` masks (from spans or :func:`~mmalign.data.align.align_tokens`)."""
         return self is LossType.DDPO
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmalign.losses.align import align_tokens
+from mmalign.data.align import align_tokens
 
 F, T = False, True
 

@@ -1,7 +1,8 @@
 """Token alignment of a corrected (chosen) response against the original (rejected) one.
 
 Used by DDPO (RLHF-V dense DPO): tokens inside long-enough matched runs are *unchanged*, every other
-token is *changed* and gets the weight γ in :func:`mmalign.losses.dpo.sequence_scores`.
+token is *changed* and gets the weight γ in :func:`mmalign.losses.dpo.sequence_scores`. It lives in the
+data layer because the pair collator builds the ``changed`` masks; ``mmalign.losses`` re-exports it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,267 @@
+"""Per-token log-probabilities of responses, plain and with a shared prompt prefix.
+
+* :func:`sequence_token_logps` — one forward over full sequences (prompt + response), the plain path.
+* :func:`pair_token_logps` — the preference-pair forward. With ``share_prefix`` the prompt and its images are
+  encoded **once** (``use_cache=True``); then either (``mode="sequential"``, default) the chosen responses run
+  on the cache, the cache is cropped back to the prompt (a differentiable slice) and the rejected ones run, or
+  (``"batched"``) the cache is duplicated to 2B rows (``Cache.reorder_cache``) and both run in one call.
+  Measured on CPU (tiny LLaVA, 8 pairs, 144 image tokens) the two modes are equally fast (within noise), both
+  ~1.6–1.9x faster than the plain forward; sequential is the default as it never copies the cache.
+  Gradients flow into the prompt through the cache, so training is exact, not only inference.
+
+Exactness (log-probs and parameter gradients equal to the plain forward up to float round-off):
+
+* prompts are right padded; each response continues right after its own prompt's last real token: the
+  attention mask is ``[prompt_mask, response_valid]`` (pad holes masked) and position ids are passed
+  explicitly as "next position after the prompt" + j. The first response token's log-prob comes from the
+  prompt forward's logits at column ``P_b - 1``;
+* PaliGemma: positions are 1-based; the prompt is a bidirectional prefix (``token_type_ids`` 0) and the
+  continuation is causal (type 1), as in the plain prefix-LM training layout;
+* Qwen2-VL: 3-D M-RoPE positions of the prompt come from the model's ``get_rope_index``; text after the
+  prompt continues at ``max(prompt positions) + 1`` on all three axes (what ``rope_deltas`` encodes);
+* models whose layout is not known to be exact (other architectures, sliding-window attention, gradient
+  checkpointing, which disables the cache) fall back to the plain path; the fallback is logged once per arch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+
+from mmalign.data.pairs import PairBatch
+from mmalign.errors import DataError
+
+__all__ = [
+    "SHARED_PREFIX_ARCHES",
+    "concat_to_pair_logps",
+    "pair_token_logps",
+    "prefix_sharing_supported",
+    "sequence_token_logps",
+    "token_logps_from_logits",
+]
+
+logger = logging.getLogger(__name__)
+
+SHARED_PREFIX_ARCHES: frozenset[str] = frozenset({"llava", "qwen2_vl", "idefics3", "paligemma", "llama"})
+"""``config.model_type`` values whose prefix-shared forward is tested equal to the plain one."""
+
+_ONE_BASED_POSITIONS = frozenset({"paligemma"})
+_warned: set[str] = set()
+
+
+def _config(model: Any) -> Any:
+    return model.config
+
+
+def _arch(model: Any) -> str:
+    return str(getattr(_config(model), "model_type", type(model).__name__))
+
+
+def _has_sliding_window(config: Any) -> bool:
+    """True when attention is windowed (Qwen configs may set a window with ``use_sliding_window=False``)."""
+    configs = [c for c in (config, getattr(config, "text_config", None)) if c is not None]
+    return any(
+        getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", True)
+        for c in configs
+    )
+
+
+def _unsupported_reason(model: Any) -> str | None:
+    arch = _arch(model)
+    if arch not in SHARED_PREFIX_ARCHES:
+        return f"architecture {arch!r} has no tested prefix-shared layout"
+    if _has_sliding_window(_config(model)):
+        return "sliding-window attention"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(model, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    if getattr(model, flag, False):
+        return "gradient checkpointing disables the KV cache"
+    return None
+
+
+def prefix_sharing_supported(model: Any) -> bool:
+    """True when :func:`pair_token_logps` can encode the prompt once for this model exactly."""
+    return _unsupported_reason(model) is None
+
+
+def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under ``logits``: (..., V) and (...) → (...), at least float32."""
+    if logits.dtype.itemsize < 4:  # bf16 / fp16 logits: normalise in float32
+        logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_token_logps(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    **image_inputs: Any,
+) -> torch.Tensor:
+    """(B, T) log-prob of each token given the ones before it; 0 where ``response_mask`` is False.
+
+    input_ids, attention_mask, response_mask: (B, T) (right padding); ``image_inputs``: every other model
+    input of the batch (``pixel_values``, ``image_grid_thw``, ``token_type_ids``, …). Column 0 is always 0.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **image_inputs)
+    lp = token_logps_from_logits(out.logits[:, :-1], input_ids[:, 1:])  # (B, T-1)
+    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)  # (B, T)
+    return torch.where(response_mask.bool(), lp, torch.zeros_like(lp))
+
+
+def concat_to_pair_logps(token_logps: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the plain layout's (2B, T) token log-probs into (chosen (B, Tc), rejected (B, Tr))."""
+    b = batch.batch_size
+    out = []
+    for rows, mask in ((token_logps[:b], batch.chosen_mask), (token_logps[b:], batch.rejected_mask)):
+        cols = batch.prompt_lengths[:, None] + torch.arange(mask.shape[1])[None, :]  # (B, Tr)
+        cols = cols.clamp(max=rows.shape[1] - 1).to(rows.device)
+        picked = rows.gather(1, cols)
+        out.append(torch.where(mask.to(rows.device), picked, torch.zeros_like(picked)))
+    return out[0], out[1]
+
+
+def _plain_pair_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    device = _device(model)
+    c = {k: v.to(device) for k, v in batch.concat.items()}
+    token_logps = sequence_token_logps(
+        model, c.pop("input_ids"), c.pop("attention_mask"), c.pop("response_mask"), **c
+    )  # (2B, T)
+    return concat_to_pair_logps(token_logps, batch)
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _rope_index_module(model: Any) -> Any:
+    for module in model.modules():
+        if callable(getattr(module, "get_rope_index", None)):
+            return module
+    raise DataError(f"{_arch(model)}: no get_rope_index on the model; cannot place M-RoPE positions")
+
+
+def _valid_response(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: tokens up to each row's last labelled one (the real response tokens)."""
+    return mask.flip(-1).long().cumsum(-1).flip(-1) > 0
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int | bool) -> torch.Tensor:
+    if x.shape[1] == width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def pair_token_logps(
+    model: Any,
+    batch: PairBatch,
+    *,
+    share_prefix: bool = True,
+    mode: Literal["sequential", "batched"] = "sequential",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs of the chosen (B, Tc) and rejected (B, Tr) responses (0 outside their masks).
+
+    ``share_prefix``: encode prompt + images once and reuse the KV cache (see the module docstring); when the
+    model does not support it exactly, the plain concatenated forward runs instead (logged once per arch).
+    ``mode``: ``"sequential"`` runs chosen, crops the cache back to the prompt, then runs rejected;
+    ``"batched"`` runs both responses in one call on a cache duplicated to 2B rows.
+    """
+    if not share_prefix:
+        return _plain_pair_logps(model, batch)
+    reason = _unsupported_reason(model)
+    if reason is not None:
+        arch = _arch(model)
+        if arch not in _warned:
+            _warned.add(arch)
+            logger.warning(
+                "%s: prefix-shared pair forward unavailable (%s); using the plain path", arch, reason
+            )
+        return _plain_pair_logps(model, batch)
+    if mode not in ("sequential", "batched"):
+        raise DataError(f"mode must be 'batched' or 'sequential', got {mode!r}", field="mode")
+
+    from transformers import DynamicCache
+
+    arch = _arch(model)
+    device = _device(model)
+    b = batch.batch_size
+    prompt_ids = batch.prompt_input_ids.to(device)  # (B, P)
+    prompt_mask = batch.prompt_attention_mask.to(device)  # (B, P)
+    lengths = batch.prompt_lengths.to(device)  # (B,)
+    extras = {k: v.to(device) for k, v in batch.prompt_inputs.items()}
+
+    # --- positions: prompt (if not the model's default) and the first position after each prompt.
+    prompt_kwargs: dict[str, Any] = {}
+    if arch == "qwen2_vl" and "image_grid_thw" in extras:
+        rope = _rope_index_module(model)
+        pos3, _ = rope.get_rope_index(
+            prompt_ids,
+            extras["mm_token_type_ids"],
+            image_grid_thw=extras["image_grid_thw"],
+            attention_mask=prompt_mask,
+        )  # (3, B, P)
+        prompt_kwargs["position_ids"] = pos3
+        masked = pos3.masked_fill(prompt_mask[None] == 0, -1)
+        next_pos = masked.amax(dim=(0, 2)) + 1  # (B,)
+    else:
+        next_pos = lengths + (1 if arch in _ONE_BASED_POSITIONS else 0)  # (B,)
+
+    cache = DynamicCache(config=_config(model))
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        past_key_values=cache,
+        use_cache=True,
+        **prompt_kwargs,
+        **extras,
+    )
+    cache = out.past_key_values
+    last = out.logits[torch.arange(b, device=device), lengths - 1]  # (B, V): predicts response token 0
+
+    def run(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Continue ``cache`` (already laid out as ``rows``) with responses ids/mask (N, W) → (N, W) logps."""
+        n, width = ids.shape
+        valid = _valid_response(mask)  # (N, W)
+        attn = torch.cat([prompt_mask[rows], valid.long()], dim=1)  # (N, P + W)
+        pos = next_pos[rows][:, None] + torch.arange(width, device=device)[None, :]  # (N, W)
+        kwargs: dict[str, Any] = {}
+        if arch == "qwen2_vl":
+            pos = pos[None].expand(3, n, width)  # (3, N, W): text continues on every M-RoPE axis
+        if arch == "paligemma":
+            kwargs["token_type_ids"] = torch.ones_like(ids)  # causal suffix
+        logits = model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        ).logits  # (N, W, V)
+        first = token_logps_from_logits(last[rows], ids[:, 0])[:, None]  # (N, 1)
+        rest = token_logps_from_logits(logits[:, :-1], ids[:, 1:])  # (N, W-1)
+        lp = torch.cat([first, rest], dim=1)  # (N, W)
+        return torch.where(mask, lp, torch.zeros_like(lp))
+
+    chosen_ids, chosen_mask = batch.chosen_ids.to(device), batch.chosen_mask.to(device)
+    rejected_ids, rejected_mask = batch.rejected_ids.to(device), batch.rejected_mask.to(device)
+    rows = torch.arange(b, device=device)
+    if mode == "sequential":
+        chosen = run(chosen_ids, chosen_mask, rows)
+        cache.crop(-int(chosen_ids.shape[1]))  # back to the prompt
+        rejected = run(rejected_ids, rejected_mask, rows)
+        return chosen, rejected
+    width = max(chosen_ids.shape[1], rejected_ids.shape[1])
+    ids = torch.cat(
+        [_pad_to(chosen_ids, width, batch.pad_token_id), _pad_to(rejected_ids, width, batch.pad_token_id)]
+    )
+    mask = torch.cat([_pad_to(chosen_mask, width, False), _pad_to(rejected_mask, width, False)])  # (2B, W)
+    both = torch.cat([rows, rows])  # (2B,)
+    cache.reorder_cache(both)
+    lp = run(ids, mask, both)  # (2B, W)
+    return lp[:b, : chosen_ids.shape[1]], lp[b:, : rejected_ids.shape[1]]
