@@ -291,3 +291,28 @@ def test_feedback_texts_use_every_critique_template_for_vocabulary_building() ->
         "The objects are",
     ]:
         assert template in joined
+
+
+def test_misidentified_object_is_rewritten_to_the_true_object_of_its_cell() -> None:
+    scene = Scene(
+        (
+            SceneObject("circle", "red", "small", "top left"),
+            SceneObject("star", "blue", "large", "bottom right"),
+        )
+    )
+    wrong = "There is a small red square in the top left. There is a large blue star in the bottom right."
+    fixed = Oracle().correct(scene, wrong)
+    assert (
+        fixed.text
+        == "There is a small red circle in the top left. There is a large blue star in the bottom right."
+    )
+    assert fixed.original_spans == [(0, 44)] and fixed.corrected_spans == [(0, 44)]
+
+
+def test_invented_object_in_an_empty_or_already_described_cell_is_deleted() -> None:
+    scene = Scene((SceneObject("circle", "red", "small", "top left"),))
+    extra = "There is a small red circle in the top left. There is a green triangle in the top right."
+    assert Oracle().correct(scene, extra).text == "There is a small red circle in the top left."
+    twice = "There is a small red square in the top left. There is a small red circle in the top left."
+    fixed = Oracle().correct(scene, twice)
+    assert fixed.text == "There is a small red circle in the top left." and fixed.original_spans == [(0, 44)]

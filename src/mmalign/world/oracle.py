@@ -21,7 +21,14 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from mmalign.errors import DataError
-from mmalign.world.grammar import article, caption_sentences, noun_phrase, number_word, plural
+from mmalign.world.grammar import (
+    article,
+    caption_sentences,
+    noun_phrase,
+    number_word,
+    object_sentence,
+    plural,
+)
 from mmalign.world.parse import Mention, ParsedResponse, ParsedSentence, Span, parse_response
 from mmalign.world.scene import Scene, SceneObject
 
@@ -227,15 +234,22 @@ class Oracle:
         return sorted(spans)
 
     def correct(self, scene: Scene, text: str) -> Correction:
-        """Minimal correction: delete hallucinated and unparseable sentences, rewrite wrong words only.
+        """Minimal correction: rewrite wrong words only; a sentence naming an object that is not there is
+        rewritten to the true object of its cell when that object is otherwise unmentioned (a
+        misidentified object), else deleted (an invented one); unparseable sentences are deleted.
 
         Kept sentences keep their original whitespace between them; if nothing is kept the result is "".
         """
         judgement = self.judge(scene, text)
         deleted = {s.start for s in judgement.unparsed}
         edits: dict[int, list[tuple[Span, str]]] = {}  # sentence start -> [(span, replacement)]
+        uncovered = {o.cell: o for o, hit in zip(scene.objects, judgement.covered, strict=True) if not hit}
         for m in judgement.mentions:
-            if m.is_object_hallucination:
+            true_here = uncovered.pop(m.mention.cell, None) if m.is_object_hallucination else None
+            if true_here is not None:  # a misidentified object: rewrite its sentence to the true object
+                sentence = (m.mention.start, m.mention.end)
+                edits[m.mention.start] = [(sentence, object_sentence(true_here))]
+            elif m.is_object_hallucination:
                 deleted.add(m.mention.start)
             elif m.wrong and m.obj is not None:
                 edits[m.mention.start] = _attribute_edits(text, m.mention, m.obj, m.wrong)
