@@ -30,3 +30,24 @@ def test_miniature_demo_writes_summary_report_and_run_dirs(tmp_path: Path) -> No
     assert world["chair_i"] == sft["chair_i"]
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "sft" in html
+
+
+def test_miniature_demo_with_a_ddpo_stage_evaluates_both_stages(tmp_path: Path) -> None:
+    size = DemoSize(
+        n_scenes=24, n_eval=4, sft_steps=3, batch_size=4, lr=1e-3, stages=("sft", "ddpo"),
+        pair_scenes=20, pair_samples=2, dpo_steps=2, dpo_batch_size=4, dpo_eval_every=1, n_val=2,
+    )  # fmt: skip
+    summary = run_demo(tmp_path, size=size, seed=0)
+
+    assert set(summary) >= {"sft", "ddpo", "pairs", "settings", "timings"}
+    assert summary["pairs"]["n"] >= 16  # an untrained policy's pairs are topped up with injected ones
+    for stage in ("sft", "ddpo"):
+        world = json.loads((tmp_path / stage / "eval" / "world.json").read_text())
+        assert summary[stage]["chair_i"] == world["chair_i"]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "ddpo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert max(steps) == 2
+    assert (tmp_path / "ddpo" / "final" / "model.safetensors").is_file()
+    html = (tmp_path / "report.html").read_text()
+    assert "ddpo" in html

@@ -44,13 +44,17 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="Smaller run: < 3 min on 2 CPU cores")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the world and of training")] = 0,
+    stages: Annotated[
+        str | None, typer.Option(help="Comma-separated stages, e.g. sft,dpo,ddpo,mmdpo (default: preset)")
+    ] = None,
 ) -> None:
-    """World → tiny LLaVA → SFT → eval → summary.json + report.html."""
+    """World → tiny LLaVA → SFT → (DPO, DDPO, MM-DPO) → eval of every stage → summary.json + report.html."""
     _quiet_hf()
     from mmalign.recipes.demo import run_demo
 
     try:
-        summary = run_demo(out, quick=quick, seed=seed)
+        chosen = tuple(s.strip() for s in stages.split(",")) if stages else None
+        summary = run_demo(out, quick=quick, seed=seed, stages=chosen)
     except MMAlignError as err:
         _fail(err)
     console.print(f"[green]demo done[/]: {out / 'summary.json'}  {out / 'report.html'}")
@@ -107,6 +111,26 @@ def sft(
     except MMAlignError as err:
         _fail(err)
     typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps; model in {result.model_dir}")
+
+
+@app.command()
+def dpo(
+    config: Annotated[Path | None, typer.Option(help="YAML config (see recipes/configs/dpo.yaml)")] = None,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of out_dir")] = False,
+) -> None:
+    """DPO family on a JSONL of PreferencePairs: loss=dpo|ipo|cdpo|simpo|ddpo|mmdpo, with validation,
+    best-checkpoint selection, early stopping and log-prob drift warnings."""
+    _quiet_hf()
+    from mmalign.config import load_config
+    from mmalign.recipes.dpo import DPOConfig, run_dpo
+
+    try:
+        cfg = load_config(DPOConfig, config, overrides or [])
+        result = run_dpo(cfg, resume=resume)
+    except (MMAlignError, ValueError) as err:
+        _fail(err)
+    typer.echo(f"{result.steps} steps; best step {result.best_step}; model in {result.model_dir}")
 
 
 @app.command("eval")

@@ -245,10 +245,11 @@ class Oracle:
         edits: dict[int, list[tuple[Span, str]]] = {}  # sentence start -> [(span, replacement)]
         uncovered = {o.cell: o for o, hit in zip(scene.objects, judgement.covered, strict=True) if not hit}
         for m in judgement.mentions:
-            true_here = uncovered.pop(m.mention.cell, None) if m.is_object_hallucination else None
+            cell = m.mention.cell
+            true_here = uncovered.pop(cell, None) if m.is_object_hallucination and cell else None
             if true_here is not None:  # a misidentified object: rewrite its sentence to the true object
-                sentence = (m.mention.start, m.mention.end)
-                edits[m.mention.start] = [(sentence, object_sentence(true_here))]
+                whole = (m.mention.start, m.mention.end)
+                edits[m.mention.start] = [(whole, object_sentence(true_here))]
             elif m.is_object_hallucination:
                 deleted.add(m.mention.start)
             elif m.wrong and m.obj is not None:
