@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import torch
 
-from mmalign.config import config_to_dict, load_config
+from mmalign.config import load_config
 from mmalign.errors import ConfigError, DataError
 from mmalign.losses.dpo import LossType, dynamic_beta, preference_loss, score_kwargs, sequence_scores, sft_nll
 from mmalign.models.load import LoraSpec
@@ -62,6 +62,7 @@ from mmalign.recipes.run import (
     progress,
     read_metrics,
     save_checkpoint,
+    warn_if_config_changed,
 )
 from mmalign.recipes.sft import DataPosition, micro_batches, save_final_model, seed_everything
 
@@ -471,7 +472,7 @@ def run_dpo(
             "resume it, overwrite it, or choose another out_dir"
         )
     if resume:
-        _check_resumed_config(run, cfg)
+        warn_if_config_changed(run, cfg)
     run.write_config(cfg)
     best_dir = run.path / "best"
     if evaluate is None:
@@ -765,19 +766,3 @@ def _reference_logps(cfg: DPOConfig, pairs: list[Any], base_dir: Path, cache_dir
         rows={pair_id: row for row, pair_id in enumerate(computed.ids)},
         n_computed=computed.n_computed,
     )
-
-
-def _check_resumed_config(run: RunDir, cfg: DPOConfig) -> None:
-    """Warn when resuming with a config that differs from the one the run started with."""
-    if not run.config_path.exists():
-        return
-    try:
-        previous = config_to_dict(load_config(DPOConfig, run.config_path))
-    except ConfigError:
-        return
-    current = config_to_dict(cfg)
-    changed = sorted(k for k in current if current[k] != previous.get(k))
-    if changed:
-        warnings.warn(
-            f"{run.config_path}: resuming with changed settings: {', '.join(changed)}", stacklevel=3
-        )

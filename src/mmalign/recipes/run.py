@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmalign.config import dump_config
-from mmalign.errors import MMAlignError
+from mmalign.config import config_to_dict, dump_config, load_config
+from mmalign.errors import ConfigError, MMAlignError
 
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -524,3 +525,19 @@ def progress(
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total, completed=completed, info="")
         yield _Progress(bar, task)
+
+
+def warn_if_config_changed(run: RunDir, cfg: Any) -> None:
+    """Warn when resuming ``run`` with a config dataclass that differs from the one it started with."""
+    if not run.config_path.exists():
+        return
+    try:
+        previous = config_to_dict(load_config(type(cfg), run.config_path))
+    except ConfigError:
+        return
+    current = config_to_dict(cfg)
+    changed = sorted(k for k in current if current[k] != previous.get(k))
+    if changed:
+        warnings.warn(
+            f"{run.config_path}: resuming with changed settings: {', '.join(changed)}", stacklevel=3
+        )

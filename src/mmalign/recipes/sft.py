@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmalign.config import config_to_dict, load_config
+from mmalign.config import load_config
 from mmalign.errors import ConfigError, DataError
 from mmalign.models.load import LoraSpec
 from mmalign.recipes.run import (
@@ -42,6 +42,7 @@ from mmalign.recipes.run import (
     progress,
     read_metrics,
     save_checkpoint,
+    warn_if_config_changed,
 )
 
 IGNORE_INDEX = -100
@@ -212,7 +213,7 @@ def run_sft(
             "resume it, overwrite it, or choose another out_dir"
         )
     if resume:
-        _check_resumed_config(run, cfg)
+        warn_if_config_changed(run, cfg)
     run.write_config(cfg)
 
     # -- data
@@ -342,19 +343,3 @@ def save_final_model(model: Any, processor: Any, out_dir: Path, *, merge_lora: b
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-def _check_resumed_config(run: RunDir, cfg: SFTConfig) -> None:
-    """Warn when resuming with a config that differs from the one the run started with."""
-    if not run.config_path.exists():
-        return
-    try:
-        previous = config_to_dict(load_config(SFTConfig, run.config_path))
-    except ConfigError:
-        return
-    current = config_to_dict(cfg)
-    changed = sorted(k for k in current if current[k] != previous.get(k))
-    if changed:
-        warnings.warn(
-            f"{run.config_path}: resuming with changed settings: {', '.join(changed)}", stacklevel=3
-        )
