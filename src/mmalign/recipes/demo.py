@@ -66,7 +66,7 @@ class DemoSize:
     """Validation scenes (a seed stream disjoint from training and from the held-out test scenes)."""
 
 
-QUICK = DemoSize(n_scenes=1500, n_eval=100, sft_steps=850, batch_size=32, lr=1e-3)
+QUICK = DemoSize(n_scenes=1500, n_eval=100, sft_steps=760, batch_size=32, lr=1e-3)
 FULL = DemoSize(
     n_scenes=3000, n_eval=200, sft_steps=2000, batch_size=32, lr=1e-3, stages=("sft", *ALIGN_STAGES)
 )
