@@ -397,7 +397,10 @@ def _summary(
             f"constant lr, grad-norm clip {MAX_GRAD_NORM}",
             "step_timing": "previous step end to this step end (collate+forwards+backward+optimiser); median",
             "ours": {
-                "pair_forward": "pair_token_logps(share_prefix=True)",
+                "pair_forward": (
+                    'pair_token_logps(share_prefix=True, mode="packed"): prompt + image once, every chosen '
+                    "and rejected token in one padding-free row, last decoder layer only where read"
+                ),
                 "collation": "PairCollator(cache=True): each pair rendered once (during the reference pass, "
                 "like TRL's dataset.map tokenisation before training), then padded per step",
                 "prefix_shared": ours["prefix_shared"],

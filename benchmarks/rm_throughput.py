@@ -246,7 +246,10 @@ def _summary(
             "loss_tolerance": LOSS_TOLERANCE,
             "ours": {
                 "model": "load_reward_model → RewardModel(LlavaForConditionalGeneration, dim=1)",
-                "pair_forward": "RewardModel.pair_rewards(share_prefix=True)",
+                "pair_forward": (
+                    "RewardModel.pair_rewards(share_prefix=True, packed=True): prompt + image once, both "
+                    "responses in one padding-free row, last decoder layer only at the read token"
+                ),
                 "prefix_shared": ours["prefix_shared"],
                 "attn_implementation": ours["attn_implementation"],
                 "collation": "PairCollator(cache=True), prepared before training; padding per step",

@@ -43,7 +43,8 @@ def test_shared_prefix_pair_rewards_equal_plain_and_single_sequence_forwards(arc
     assert batch is not None
     with torch.no_grad():
         plain = rm.pair_rewards(batch, share_prefix=False)
-        shared = rm.pair_rewards(batch)
+        shared = rm.pair_rewards(batch)  # packed: both responses in one padding-free continuation
+        padded = rm.pair_rewards(batch, packed=False)  # one padded continuation per side
         for b, pair in enumerate(data):
             if arch == "paligemma" and not pair.images:
                 continue  # alone it is a causal prompt; inside a vision batch a prefix-LM one
@@ -53,7 +54,7 @@ def test_shared_prefix_pair_rewards_equal_plain_and_single_sequence_forwards(arc
                 one.pop("labels")
                 alone = rm(one.pop("input_ids"), one.pop("attention_mask"), **one)  # (1, 2)
                 torch.testing.assert_close(plain[k][b], alone[0], atol=1e-5, rtol=0)
-    for got, want in zip(shared, plain, strict=True):
+    for got, want in zip((*shared, *padded), (*plain, *plain), strict=True):
         assert got.shape == (3, 2)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not torch.allclose(plain[0], plain[1])  # different responses get different rewards
@@ -66,15 +67,16 @@ def test_shared_prefix_reward_gradients_equal_the_plain_forward(arch: str) -> No
     rm = RewardModel(backbone.double()).train()
     batch = to_double(PairCollator(proc)(pairs(vision=arch != "llama")))  # type: ignore[arg-type]
     grads = []
-    for share in (False, True):
+    for kwargs in ({"share_prefix": False}, {"packed": True}, {"packed": False}):
         rm.zero_grad()
-        chosen, rejected = rm.pair_rewards(batch, share_prefix=share)
+        chosen, rejected = rm.pair_rewards(batch, **kwargs)
         torch.nn.functional.logsigmoid(chosen - rejected).sum().neg().backward()
         grads.append({n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and "head.weight" in grads[0]
-    for name, g in grads[0].items():
-        scale = float(g.abs().max()) + 1.0
-        torch.testing.assert_close(grads[1][name], g, atol=1e-6 * scale, rtol=1e-5, msg=name)
+    for shared in grads[1:]:
+        assert grads[0].keys() == shared.keys() and "head.weight" in grads[0]
+        for name, g in grads[0].items():
+            scale = float(g.abs().max()) + 1.0
+            torch.testing.assert_close(shared[name], g, atol=1e-6 * scale, rtol=1e-5, msg=name)
 
 
 def test_saved_reward_model_reloads_with_identical_rewards(tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ def test_shared_prefix_logps_equal_plain_and_unpadded_single_pair_forwards(arch:
     assert prefix_sharing_supported(model)
     with torch.no_grad():
         plain = pair_token_logps(model, batch, share_prefix=False)
-        sequential = pair_token_logps(model, batch)  # default mode
+        packed = pair_token_logps(model, batch)  # default mode
+        sequential = pair_token_logps(model, batch, mode="sequential")
         batched = pair_token_logps(model, batch, mode="batched")
         for b, pair in enumerate(data):
             if arch == "paligemma" and not pair.images:
@@ -78,7 +79,7 @@ def test_shared_prefix_logps_equal_plain_and_unpadded_single_pair_forwards(arch:
             chosen, rejected = single_pair_logps(model, proc, pair, int(batch.prompt_lengths[b]))
             torch.testing.assert_close(plain[0][b, : chosen.numel()], chosen, atol=1e-5, rtol=0)
             torch.testing.assert_close(plain[1][b, : rejected.numel()], rejected, atol=1e-5, rtol=0)
-    for shared in (batched, sequential):
+    for shared in (packed, batched, sequential):
         for got, want, mask in zip(shared, plain, (batch.chosen_mask, batch.rejected_mask), strict=True):
             assert got.shape == mask.shape
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -93,7 +94,7 @@ def test_shared_prefix_parameter_gradients_equal_the_plain_forward(arch: str) ->
     model.double().train()
     batch = to_double(PairCollator(proc)(pairs(vision=arch != "llama")))  # type: ignore[arg-type]
     grads = []
-    for kwargs in ({"share_prefix": False}, {"mode": "sequential"}, {"mode": "batched"}):
+    for kwargs in ({"share_prefix": False}, {"mode": "packed"}, {"mode": "sequential"}, {"mode": "batched"}):
         model.zero_grad()
         chosen, rejected = pair_token_logps(model, batch, **kwargs)  # type: ignore[arg-type]
         (chosen.sum(-1) - 0.5 * rejected.sum(-1)).pow(2).mean().backward()
@@ -120,15 +121,17 @@ def test_images_are_encoded_once_with_prefix_sharing_and_twice_without(arch: str
     top = model.get_decoder().register_forward_pre_hook(lambda mod, args: calls.append(1))
     try:
         with torch.no_grad():
-            pair_token_logps(model, batch)
+            pair_token_logps(model, batch, mode="sequential")
             assert (len(seen), len(calls)) == (1, 3)  # prompt with images once, then chosen, then rejected
             pair_token_logps(model, batch, mode="batched")
             assert (len(seen), len(calls)) == (2, 5)  # prompt once, both responses in one call
+            pair_token_logps(model, batch)  # packed: prompt once, every response token in one row
+            assert (len(seen), len(calls)) == (3, 7)
             pair_token_logps(model, batch, share_prefix=False)
     finally:
         handle.remove()
         top.remove()
-    assert (len(seen), len(calls)) == (3, 6)
+    assert (len(seen), len(calls)) == (4, 8)
     # image rows: the plain path encodes every image twice (prompt+chosen and prompt+rejected rows)
     assert batch.concat["pixel_values"].shape[0] == 2 * batch.prompt_inputs["pixel_values"].shape[0]
 

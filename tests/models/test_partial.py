@@ -68,6 +68,7 @@ def test_logps_and_gradients_with_last_layer_skip_equal_the_full_forward(arch: s
         {"skip_last_layer": False},
         {"skip_last_layer": True},
         {"skip_last_layer": True, "mode": "batched"},
+        {"skip_last_layer": True, "mode": "sequential"},
     ]
     logps, grads = [], []
     for kwargs in runs:
@@ -89,18 +90,24 @@ def test_rewards_and_gradients_with_last_layer_skip_equal_the_full_forward(arch:
     backbone, batch = double_setup(arch)
     rm = RewardModel(backbone, dim=2).double().train()
     rewards, grads = [], []
-    for kwargs in ({"share_prefix": False}, {"skip_last_layer": False}, {"skip_last_layer": True}):
+    for kwargs in (
+        {"share_prefix": False},
+        {"skip_last_layer": False},
+        {"skip_last_layer": True},
+        {"skip_last_layer": True, "packed": False},
+    ):
         rm.zero_grad()
         chosen, rejected = rm.pair_rewards(batch, **kwargs)  # type: ignore[arg-type]
         torch.nn.functional.logsigmoid(chosen - rejected).sum().neg().backward()
         rewards.append((chosen.detach(), rejected.detach()))
         grads.append({n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
     for want_r, want_g in zip(rewards[:2], grads[:2], strict=True):
-        for got, want in zip(rewards[2], want_r, strict=True):
-            assert got.shape == (3, 2)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-        assert "head.weight" in want_g
-        assert_grads_equal(grads[2], want_g)
+        for got_r, got_g in zip(rewards[2:], grads[2:], strict=True):
+            for got, want in zip(got_r, want_r, strict=True):
+                assert got.shape == (3, 2)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            assert "head.weight" in want_g
+            assert_grads_equal(got_g, want_g)
 
 
 class LastLayerRows:
@@ -129,22 +136,30 @@ def test_the_last_layer_runs_its_mlp_only_on_the_read_positions(arch: str) -> No
     assert batch is not None
     b, p = batch.prompt_input_ids.shape
     tc, tr = batch.chosen_ids.shape[1], batch.rejected_ids.shape[1]
+    # Packed: every response token up to its last labelled one, nothing else.
+    n_tokens = sum(int(m.nonzero().max()) + 1 for m in (*batch.chosen_mask, *batch.rejected_mask))
     rm = RewardModel(model).eval()
     rows = LastLayerRows(model)
     try:
         with torch.no_grad():
-            pair_token_logps(model, batch)  # prompt: one row each; responses: every position
+            pair_token_logps(model, batch, mode="sequential")  # prompt: one row each; responses: all
             assert rows.mlp == [(b, 1), (b, tc), (b, tr)]
             assert rows.keys == [(b, p), (b, tc), (b, tr)]  # K/V of every position still reach the cache
             rows.mlp.clear(), rows.keys.clear()
-            pair_token_logps(model, batch, skip_last_layer=False)
+            pair_token_logps(model, batch, skip_last_layer=False, mode="sequential")
             assert rows.mlp == [(b, p), (b, tc), (b, tr)]
             rows.mlp.clear(), rows.keys.clear()
-            rm.pair_rewards(batch)  # prompt: only K/V; responses: their last valid token
+            pair_token_logps(model, batch)  # packed: the responses' real tokens in one row, no padding
+            assert rows.mlp == [(b, 1), (1, n_tokens)] and rows.keys == [(b, p), (1, n_tokens)]
+            rows.mlp.clear(), rows.keys.clear()
+            rm.pair_rewards(batch, packed=False)  # prompt: only K/V; responses: their last valid token
             assert rows.mlp == [(b, 1), (b, 1)]
             assert rows.keys == [(b, p), (b, tc), (b, tr)]
+            rows.mlp.clear(), rows.keys.clear()
+            rm.pair_rewards(batch)  # packed: 2B read positions of one packed row
+            assert rows.mlp == [(1, 2 * b)] and rows.keys == [(b, p), (1, n_tokens)]
             rows.mlp.clear()
-            rm.pair_rewards(batch, skip_last_layer=False)
+            rm.pair_rewards(batch, skip_last_layer=False, packed=False)
             assert rows.mlp == [(b, p), (b, tc), (b, tr)]
     finally:
         rows.remove()

@@ -88,7 +88,7 @@ def test_cached_values_equal_a_direct_pair_forward_and_a_second_run_does_no_forw
         first = compute_reference_logps(
             model, PAIRS, collator, ReferenceCache(tmp_path / "ref"), batch_size=2
         )
-        assert first.n_computed == 3 and counter.n == 6  # 2 batches × (prompt, chosen, rejected)
+        assert first.n_computed == 3 and counter.n == 4  # 2 batches × (prompt, packed responses)
         batch = collator(PAIRS)
         assert batch is not None
         with torch.no_grad():
@@ -105,10 +105,10 @@ def test_cached_values_equal_a_direct_pair_forward_and_a_second_run_does_no_forw
         assert counter.n == 0 and again.n_computed == 0
         assert torch.equal(again.chosen, first.chosen) and torch.equal(again.rejected, first.rejected)
 
-        # One new pair among cached ones: only it runs (prompt, chosen and rejected forwards).
+        # One new pair among cached ones: only it runs (a prompt and a packed-responses forward).
         more = [*PAIRS, pair("d", (100, 100, 0))]
         third = compute_reference_logps(model, more, collator, ReferenceCache(tmp_path / "ref"), batch_size=4)
-        assert third.n_computed == 1 and counter.n == 3
+        assert third.n_computed == 1 and counter.n == 2
         assert torch.equal(third.chosen[:3, : first.chosen.shape[1]], first.chosen)
     finally:
         counter.handle.remove()
@@ -167,9 +167,9 @@ def test_batch_reference_logps_fills_the_batch_layout_once(llava: tuple[Any, Any
     counter = Counter(model)
     try:
         c1, r1 = batch_reference_logps(model, batch, cache)
-        assert counter.n == 3 and c1.shape == batch.chosen_ids.shape and r1.shape == batch.rejected_ids.shape
+        assert counter.n == 2 and c1.shape == batch.chosen_ids.shape and r1.shape == batch.rejected_ids.shape
         c2, r2 = batch_reference_logps(model, batch, cache)
-        assert counter.n == 3 and torch.equal(c1, c2) and torch.equal(r1, r2)
+        assert counter.n == 2 and torch.equal(c1, c2) and torch.equal(r1, r2)
     finally:
         counter.handle.remove()
     assert bool((c1[~batch.chosen_mask] == 0).all()) and bool((c1[batch.chosen_mask] < 0).all())

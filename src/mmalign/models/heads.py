@@ -31,7 +31,7 @@ from torch import nn
 from mmalign.atomic import atomic_write_json
 from mmalign.data.pairs import PairBatch
 from mmalign.errors import ModelLoadError
-from mmalign.models.logprobs import PrefixCache, base_model_of, warn_unsupported
+from mmalign.models.logprobs import PrefixCache, base_model_of, stacked_responses, warn_unsupported
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
@@ -121,14 +121,21 @@ class RewardModel(_HeadModel):
         return self._head(picked)  # (B, dim)
 
     def pair_rewards(
-        self, batch: PairBatch, *, share_prefix: bool = True, skip_last_layer: bool = True
+        self,
+        batch: PairBatch,
+        *,
+        share_prefix: bool = True,
+        skip_last_layer: bool = True,
+        packed: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (B, dim) of the chosen and of the rejected responses of ``batch``.
 
         ``skip_last_layer`` (with ``share_prefix``): the backbone's last decoder layer computes only K/V for
         the prompt and, for each response, its output only at the last valid token where the reward is read
         (:mod:`mmalign.models.partial`; same rewards and gradients up to round-off). Models without support
-        compute every position (logged once)."""
+        compute every position (logged once). ``packed`` (with ``share_prefix``): both responses of every pair
+        run in one padding-free continuation (:mod:`mmalign.models.packed`) instead of one padded call per
+        side."""
         if not share_prefix or warn_unsupported(self.backbone):
             return self._plain_pair_rewards(batch)
         prefix = PrefixCache(
@@ -140,6 +147,15 @@ class RewardModel(_HeadModel):
         )
         device = prefix.device
         rows = torch.arange(batch.batch_size, device=device)
+        if packed and prefix.packing_supported():
+            b = batch.batch_size
+            ids, mask = stacked_responses(batch, device)  # (2B, W)
+            out, layout = prefix.continue_packed(ids, mask, rows.repeat(2), query_cols=last_token_index(mask))
+            hidden = out.last_hidden_state[0]  # (2B, H) with the last-layer skip, else (T, H)
+            if hidden.shape[0] != 2 * b or not prefix.skip:
+                hidden = hidden[layout.query_positions]
+            rewards = self._head(hidden)  # (2B, dim)
+            return rewards[:b], rewards[b:]
 
         def run(side: str) -> torch.Tensor:
             ids, mask = (t.to(device) for t in batch.response(side))  # type: ignore[arg-type]  # (B, W)

@@ -24,7 +24,9 @@ positions up to float round-off, with gradients (tested in float64 for every tin
 
 The layer is patched by setting an instance ``forward`` for the duration of the context (restored on exit).
 Supported: the decoder layers of Llama (LLaVA's and Idefics3's text model, text Llama), Qwen2-VL and Gemma
-(PaliGemma), with ``sdpa`` or ``eager`` attention — see :func:`last_layer_skip_reason` for the full check.
+(PaliGemma), with ``sdpa`` or ``eager`` attention or inside a packed continuation
+(:mod:`mmalign.models.packed`, whose attention then answers only the selected queries) — see
+:func:`last_layer_skip_reason` for the full check.
 Other models keep the regular forward (:func:`supports_last_layer_skip` logs that once per architecture).
 Saving: for the unread positions, the last layer's ``q_proj``, attention, ``o_proj`` and MLP (for the tiny
 models, 8/10 of the layer's matmul work per position).
@@ -41,16 +43,18 @@ from typing import Any
 import torch
 
 from mmalign.errors import DataError
+from mmalign.models.packed import PACKED_ATTENTION
 
 __all__ = [
     "last_layer_queries",
     "last_layer_skip_reason",
     "supports_last_layer_skip",
+    "text_decoder",
 ]
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED_ATTENTION = frozenset({"sdpa", "eager"})
+_SUPPORTED_ATTENTION = frozenset({"sdpa", "eager", PACKED_ATTENTION})
 _warned: set[str] = set()
 
 
@@ -67,7 +71,7 @@ def _arch(model: Any) -> str:
     return str(getattr(model.config, "model_type", type(model).__name__))
 
 
-def _text_decoder(model: Any) -> Any:
+def text_decoder(model: Any) -> Any:
     """The text transformer (``LlamaModel``, ``Qwen2VLTextModel``, ``GemmaModel``…) of ``model``."""
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     get = getattr(hf, "get_decoder", None)
@@ -80,7 +84,7 @@ def _last_layer(decoder: Any) -> Any:
 
 def last_layer_skip_reason(model: Any) -> str | None:
     """Why :func:`last_layer_queries` cannot be used on ``model`` (``None`` when it can)."""
-    decoder = _text_decoder(model)
+    decoder = text_decoder(model)
     if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "config"):
         return "no text decoder with a `layers` list"
     config = decoder.config
@@ -251,7 +255,7 @@ def last_layer_queries(model: Any, cols: torch.Tensor) -> Iterator[None]:
         raise DataError(f"{_arch(model)}: last-layer skip unavailable ({reason})")
     if cols.dim() != 2:
         raise DataError(f"cols must be (N, k), got shape {tuple(cols.shape)}", field="cols")
-    layer = _last_layer(_text_decoder(model))
+    layer = _last_layer(text_decoder(model))
     layer.forward = _partial_forward(layer, cols.long())
     try:
         yield
