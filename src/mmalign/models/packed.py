@@ -188,7 +188,13 @@ def _packed_attention_forward(
     q = query[0].transpose(0, 1)[:, :, None]  # (k, Hq, 1, D)
     rows_mask = layout.mask[row, :, slot % layout.mask.shape[2]][:, :, None]  # (k, 1, 1, P + GL)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, keys[row], values[row], attn_mask=rows_mask, dropout_p=p_drop, scale=scaling, enable_gqa=gqa
+        q,
+        keys.index_select(0, row),
+        values.index_select(0, row),
+        attn_mask=rows_mask,
+        dropout_p=p_drop,
+        scale=scaling,
+        enable_gqa=gqa,
     )  # (k, Hq, 1, D)
     return out[:, :, 0][None], None  # (1, k, Hq, D)
 
