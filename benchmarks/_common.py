@@ -50,16 +50,20 @@ IDLE_CORES = 0.3
 # ----------------------------------------------------------------------------------------------- model
 
 
-def build_tiny_llava(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """Build the seeded tiny LLaVA of ``MODEL_SHAPE`` and save it to ``folder``. Returns its processor and
-    the ``settings.model`` entry (the shape, parameter count and image tokens per image)."""
+def build_tiny_llava(folder: Path, image_size: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Build the seeded tiny LLaVA of ``MODEL_SHAPE`` (``image_size`` overrides its image size) and save it
+    to ``folder``. Returns its processor and the ``settings.model`` entry (the shape, parameter count and
+    image tokens per image)."""
     from mmalign.models.tiny import build_tiny
 
     shape = {k: v for k, v in MODEL_SHAPE.items() if k != "arch"}
+    if image_size is not None:
+        shape["image_size"] = image_size
     model, processor = build_tiny(MODEL_SHAPE["arch"], folder, seed=SEED, **shape)
     n_params = sum(p.numel() for p in model.parameters())
     return processor, {
         **MODEL_SHAPE,
+        **shape,
         "params": n_params,
         "image_tokens": (shape["image_size"] // shape["patch_size"]) ** 2,
     }
@@ -123,6 +127,13 @@ def add_step_args(parser: argparse.ArgumentParser, pairs_help: str) -> None:
     parser.add_argument("--pairs", type=int, default=256, help=pairs_help)
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per side")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=MODEL_SHAPE["image_size"],
+        help=f"image side in pixels (patch {MODEL_SHAPE['patch_size']}: 96 → 144 image tokens, "
+        "192 → 576 as in LLaVA-1.5)",
+    )
 
 
 def check_step_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -68,7 +68,9 @@ TRL_MAX_LENGTH = 1024
 """TRL truncates sequences longer than this; our longest is ~200 tokens, so nothing is cut."""
 
 
-def _prepare(workdir: Path, n_pairs: int, batch_size: int) -> dict[str, Any]:
+def _prepare(
+    workdir: Path, n_pairs: int, batch_size: int, image_size: int = MODEL_SHAPE["image_size"]
+) -> dict[str, Any]:
     """Build and save the tiny LLaVA, the pairs (ours: JSONL + PNGs; TRL: prompt/chosen/rejected texts) and
     our collation of the first batch (TRL's collator must reproduce it). Returns the data settings."""
     import torch
@@ -79,8 +81,8 @@ def _prepare(workdir: Path, n_pairs: int, batch_size: int) -> dict[str, Any]:
     from mmalign.world.corpus import eval_scenes
     from mmalign.world.scene import WorldConfig
 
-    processor, model_settings = common.build_tiny_llava(workdir / "model")
-    config = WorldConfig(image_size=MODEL_SHAPE["image_size"])
+    processor, model_settings = common.build_tiny_llava(workdir / "model", image_size)
+    config = WorldConfig(image_size=image_size)
     # Scenes where no error can be injected give no pair: take a few spare scenes.
     scenes = eval_scenes(n_pairs + n_pairs // 4 + 8, seed=SEED, config=config)
     pairs = injected_pairs(
@@ -135,7 +137,7 @@ def _prepare(workdir: Path, n_pairs: int, batch_size: int) -> dict[str, Any]:
         "chosen_tokens_max": max(chosen_lens),
         "rejected_tokens_max": max(rejected_lens),
         "sequence_tokens_max": max(full_lens),
-        "pair_source": "mmalign.recipes.pairs.injected_pairs(eval_scenes(seed=0), image_size=96)",
+        "pair_source": f"mmalign.recipes.pairs.injected_pairs(eval_scenes(seed=0), image_size={image_size})",
     }
 
 
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     common.check_step_args(parser, args)
 
     with common.scratch_dir("dpo_vs_trl_", args.keep) as workdir:
-        data = _prepare(workdir, args.pairs, args.batch)
+        data = _prepare(workdir, args.pairs, args.batch, args.image_size)
         flags = common.child_flags(args, ("steps", "warmup", "batch", "threads"))
         results = common.run_sides(Path(__file__).resolve(), SIDES, workdir, flags, args)
         summary = _summary(results["ours"], results["trl"], data, args)

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     common.check_step_args(parser, args)
 
     with common.scratch_dir("rm_throughput_", args.keep) as workdir:
-        data = _prepare(workdir, args.pairs, args.batch)
+        data = _prepare(workdir, args.pairs, args.batch, args.image_size)
         data["model"]["head_params"] = _save_reward_model(workdir)
         data["pair_order"] = "sequential batches, cycling over the pairs"
         flags = common.child_flags(args, ("steps", "warmup", "batch", "threads", "hf_attn"))
