@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from mmalign.rollout.rewards import RewardBatch, RewardOutput
+
 TINY = dict(image_size=32, patch_size=8, text_hidden=64, text_layers=2, vision_hidden=32)
 
 
@@ -57,3 +59,21 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class TableReward:
+    """Call ``c`` scores its (N·K) responses with ``tables[c]`` (N rows of K), whatever they say; the last
+    table repeats. With ``aspects`` the output also has an aspect ``double`` (2 × the score)."""
+
+    name = "table"
+
+    def __init__(self, tables: list[list[list[float]]], *, aspects: bool = False) -> None:
+        self.tables = tables
+        self.aspects = aspects
+        self.batches: list[RewardBatch] = []
+
+    def score(self, batch: RewardBatch) -> RewardOutput:
+        table = self.tables[min(len(self.batches), len(self.tables) - 1)]
+        self.batches.append(batch)
+        scores = torch.tensor(table, dtype=torch.float32).flatten()
+        return RewardOutput(scores=scores, aspects={"double": 2 * scores} if self.aspects else {})

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from _online_kit import read_lines, same_weights, sft_captioner, tiny_llava
+from _online_kit import TableReward, read_lines, same_weights, sft_captioner, tiny_llava
 
 from mmalign.config import dump_config, load_config
 from mmalign.data.schema import ImageRef, Message
@@ -28,7 +28,6 @@ from mmalign.recipes.online_dpo import (
 )
 from mmalign.recipes.run import OptimConfig, read_metrics
 from mmalign.recipes.sft import CONFIG_DIR
-from mmalign.rollout.rewards import RewardBatch, RewardOutput
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
@@ -110,21 +109,6 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def captioner(policy: Path) -> Path:
     return sft_captioner(policy)
-
-
-class TableReward:
-    """Call ``c`` scores its (N·K) responses with ``tables[c]`` (N rows of K), whatever they say."""
-
-    name = "table"
-
-    def __init__(self, tables: list[list[list[float]]]) -> None:
-        self.tables = tables
-        self.batches: list[RewardBatch] = []
-
-    def score(self, batch: RewardBatch) -> RewardOutput:
-        table = self.tables[min(len(self.batches), len(self.tables) - 1)]
-        self.batches.append(batch)
-        return RewardOutput(scores=torch.tensor(table, dtype=torch.float32).flatten())
 
 
 def scripted_validation(scores: list[float], calls: list[dict[str, Any]]) -> Any:

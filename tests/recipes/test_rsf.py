@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _online_kit import read_lines, same_weights, sft_captioner, tiny_llava
+from _online_kit import TableReward, read_lines, same_weights, sft_captioner, tiny_llava
 
 from mmalign.config import dump_config, load_config
 from mmalign.errors import ConfigError, DataError
@@ -119,22 +119,6 @@ def captioner(policy: Path) -> Path:
     return sft_captioner(policy)
 
 
-class TableReward:
-    """Call ``c`` scores its (N·K) responses with ``tables[c]`` (N rows of K), whatever they say."""
-
-    name = "table"
-
-    def __init__(self, tables: list[list[list[float]]]) -> None:
-        self.tables = tables
-        self.batches: list[RewardBatch] = []
-
-    def score(self, batch: RewardBatch) -> RewardOutput:
-        table = self.tables[min(len(self.batches), len(self.tables) - 1)]
-        self.batches.append(batch)
-        scores = torch.tensor(table, dtype=torch.float32).flatten()
-        return RewardOutput(scores=scores, aspects={"double": 2 * scores})
-
-
 def scripted_validation(scores: list[float], coverage: list[float], calls: list[dict[str, Any]]) -> Any:
     """An ``evaluate`` whose k-th call has val_score ``scores[k]`` (+ the coverage drop) and coverage
     ``coverage[k]`` for both decodings."""
@@ -161,7 +145,7 @@ def test_rsf_keeps_exactly_the_best_sample_per_prompt_and_final_is_the_best_vali
     reward = TableReward([
         [[1, 3, 3], [0, 1, 0.5], [2, 5, 1], [4, 0, 4]],  # iteration 1: prompt 1 stays below the threshold
         [[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 1, 1]],  # iteration 2: nothing reaches it -> skipped
-    ])  # fmt: skip
+    ], aspects=True)  # fmt: skip
     calls: list[dict[str, Any]] = []
     cfg = RSFConfig(
         model=str(policy), out_dir=str(tmp_path / "run"), n_prompts=4, k=3, max_new_tokens=12,
