@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from mmalign.data.answers import extract_answer, is_correct, normalize_number
 from mmalign.data.schema import EvalItem, Message
 from mmalign.errors import DataError
 from mmalign.eval.bench import Result
 from mmalign.eval.cot import (
     CoTBench,
     Shot,
-    extract_answer,
     few_shot_prompt,
-    is_correct,
-    normalize_number,
     shots_from_items,
     world_cot_items,
     world_cot_shots,

@@ -56,6 +56,9 @@ def test_exact_answer_reward_compares_final_answers() -> None:
     )
     assert R.ExactAnswerReward().score(b).scores.tolist() == [1.0, 0.0, 1.0, 1.0]
     assert R.final_answer("I cannot tell") is None and R.final_answer("It is 2.50 now") == "2.5"
+    # the number after the answer marker, not a later check; GSM8K's "####"
+    assert R.final_answer("The answer is 72. Check: 3 + 4 = 7.") == "72"
+    assert R.final_answer("so 9 * 8 = 72\n#### 72") == "72"
 
 
 def test_missing_truth_and_length_mismatch_name_the_field() -> None:

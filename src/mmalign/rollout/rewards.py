@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from mmalign.data.answers import extract_answer
 from mmalign.data.collate import SFTCollator
 from mmalign.data.rm_inputs import critique_conversation, with_facts
 from mmalign.data.schema import Message
@@ -107,16 +108,13 @@ class OracleReward:
         )
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
 def final_answer(text: str) -> str | None:
-    """The last number in ``text``, else its last word ``yes``/``no``, lower-cased; None when neither."""
-    cleaned = text.replace(",", "")
-    numbers = _NUMBER.findall(cleaned)
-    if numbers:
-        value = float(numbers[-1])
-        return str(int(value)) if value.is_integer() else str(value)
+    """The final number of ``text`` as :func:`mmalign.data.answers.extract_answer` reads it (GSM8K ``####``,
+    ``\\boxed{}``, the number after "the answer is", else the last number; normalised), else its last word
+    ``yes``/``no``, lower-cased; None when neither."""
+    number = extract_answer(text, "number")
+    if number is not None:
+        return number
     words = re.findall(r"[a-z]+", text.lower())
     for w in reversed(words):
         if w in ("yes", "no"):

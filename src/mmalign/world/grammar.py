@@ -7,14 +7,11 @@ See docs/CONTRACTS.md for the exact grammar both sides agree on.
 
 from __future__ import annotations
 
+from mmalign.data.answers import NUMBER_WORDS
 from mmalign.world.scene import Scene, SceneObject
 
 CAPTION_PROMPT = "Describe the image."
 DETAILED_CAPTION_PROMPT = "Describe the image in detail."
-NUMBER_WORDS = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve",
-)  # fmt: skip
 
 
 def article(word: str) -> str:
