@@ -75,6 +75,20 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
 
 
+def aspect_quality(aspect: str, pred: Sequence[float], gold: Sequence[float]) -> dict[str, float]:
+    """``<aspect>.mse`` and ``<aspect>.spearman`` of predicted vs annotated scores (none with fewer than 2
+    scores). Spearman's ρ is left out when it is undefined (the annotated or the predicted scores are all
+    equal, e.g. an aspect every held-out response satisfies): a NaN would be no number to compare and is
+    not valid JSON."""
+    if len(gold) < 2:
+        return {}
+    out = {f"{aspect}.mse": sum((a - b) ** 2 for a, b in zip(pred, gold, strict=True)) / len(gold)}
+    rho = spearman(pred, gold)
+    if not math.isnan(rho):
+        out[f"{aspect}.spearman"] = rho
+    return out
+
+
 def calibration(
     chosen: Sequence[float], rejected: Sequence[float], n_bins: int = 5
 ) -> tuple[list[dict[str, float]], float]:
@@ -155,9 +169,7 @@ def evaluate_rm(
                 if value is not None:
                     pred.append(float(sides[side].aspects[aspect][i]))
                     gold.append(float(value))
-        if len(gold) >= 2:
-            metrics[f"{aspect}.mse"] = sum((a - b) ** 2 for a, b in zip(pred, gold, strict=True)) / len(gold)
-            metrics[f"{aspect}.spearman"] = spearman(pred, gold)
+        metrics.update(aspect_quality(aspect, pred, gold))
 
     # critique RMs: does the critique of a hallucinated response name the invented object?
     records: list[dict[str, Any]] = []
