@@ -95,6 +95,25 @@ def test_bt_margin_is_subtracted_from_the_gap_and_centering_adds_squared_sum() -
     assert loss.item() == pytest.approx((softplus_neg(0.5) + softplus_neg(-0.3)) / 2 + 0.0117)
 
 
+def test_bt_soft_margin_is_cross_entropy_against_sigmoid_of_scaled_margin() -> None:
+    r_w, r_l = t(1.0, 0.0), t(0.5, 0.3)
+    loss, m = bradley_terry_loss(r_w, r_l, margin=t(0.5, 0.0), soft_scale=2.0)
+    # pair 1: Δ = 0.5, p = σ(1.0); pair 2: Δ = −0.3, p = σ(0) = ½
+    p1 = 1 / (1 + math.exp(-1.0))
+    lse = softplus_neg  # −log σ(d)
+    want = (p1 * lse(0.5) + (1 - p1) * lse(-0.5) + 0.5 * lse(-0.3) + 0.5 * lse(0.3)) / 2
+    assert loss.item() == pytest.approx(want)
+    assert m["accuracy"] == 0.5 and m["reward_margin"] == pytest.approx(0.1)
+    # the minimum over the gap sits at Δ = s·m (gradient 0 there), not at Δ → ∞ as with hard labels
+    gap = torch.tensor([1.0], requires_grad=True)
+    bradley_terry_loss(gap, t(0.0), margin=t(0.5), soft_scale=2.0)[0].backward()
+    assert gap.grad is not None and gap.grad.item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ConfigError, match="soft_scale"):
+        bradley_terry_loss(r_w, r_l, soft_scale=1.0)  # needs margins
+    with pytest.raises(ConfigError, match="soft_scale"):
+        bradley_terry_loss(r_w, r_l, margin=t(0.1, 0.1), soft_scale=-1.0)
+
+
 def test_bt_is_stable_for_huge_gaps() -> None:
     loss, _ = bradley_terry_loss(t(0.0, 1000.0), t(1000.0, 0.0))
     # −log σ(−1000) = 1000 (exactly, in float64), −log σ(1000) = 0

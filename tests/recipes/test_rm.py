@@ -7,14 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmalign.data.io import write_jsonl
 from mmalign.data.schema import Message, Ranking
-from mmalign.errors import DataError
+from mmalign.errors import ConfigError, DataError
 from mmalign.eval.rm_eval import calibration, critique_names_error, pair_accuracy, spearman
 from mmalign.models.heads import load_reward_model
 from mmalign.recipes.pairs import variant_pairs
-from mmalign.recipes.rm import RMConfig, expand_ranking, run_rm
+from mmalign.recipes.rm import RMConfig, _Best, expand_ranking, run_rm
 from mmalign.recipes.run import read_metrics
 from mmalign.world.corpus import eval_scenes, train_scenes
 from mmalign.world.scene import WorldConfig
@@ -118,3 +119,113 @@ def test_run_rm_trains_each_kind_saves_a_loadable_rm_and_evaluates(
     if kind == "critique":
         assert "nll" in rows[0] and rows[-1]["nll"] < rows[0]["nll"]
         assert all("rejected_critique" in r for r in evaluation["records"])
+
+
+def test_freeze_keeps_the_matching_backbone_parameters_and_trains_the_rest(
+    rm_data: tuple[Path, Path], backbone: str, tmp_path: Path
+) -> None:
+    from mmalign.models.load import load_model
+
+    train, _ = rm_data
+    cfg = RMConfig(
+        model=backbone,
+        data=str(train),
+        out_dir=str(tmp_path / "frozen"),
+        freeze=("vision_tower", "multi_modal_projector"),
+        max_steps=3,
+        progress_bar=False,
+    )
+    cfg.optim.lr = 1e-2
+    result = run_rm(cfg)
+    before = dict(load_model(backbone, dtype="fp32")[0].named_parameters())
+    after = dict(load_reward_model(result.model_dir)[0].backbone.named_parameters())
+    vision = [n for n in before if "vision_tower" in n or "multi_modal_projector" in n]
+    text = [n for n in before if "language_model.layers" in n]
+    assert vision and text
+    assert all(torch.equal(before[n], after[n]) for n in vision)
+    assert sum(not torch.equal(before[n], after[n]) for n in text) == len(text)
+
+
+def test_freeze_names_a_pattern_that_matches_nothing(
+    rm_data: tuple[Path, Path], backbone: str, tmp_path: Path
+) -> None:
+    cfg = RMConfig(
+        model=backbone, data=str(rm_data[0]), out_dir=str(tmp_path / "x"), freeze=("no_such_module",)
+    )
+    with pytest.raises(ConfigError, match="no_such_module"):
+        run_rm(cfg)
+
+
+def test_best_keeps_the_weights_of_the_first_highest_evaluation() -> None:
+    net = torch.nn.Linear(2, 1)
+    best = _Best("accuracy")
+    weights = {}
+    for step, acc in enumerate([0.5, 0.7, 0.7, 0.6], start=1):
+        with torch.no_grad():
+            net.weight.fill_(float(step))
+        weights[step] = net.weight.detach().clone()
+        best.update(net, step, {"accuracy": acc})
+    assert best.step == 2 and best.value == 0.7
+    assert torch.equal(best.state["weight"], weights[2])
+    with pytest.raises(ConfigError, match="no metric 'acc'"):
+        _Best("acc").update(net, 5, {"accuracy": 1.0})
+    off = _Best("")
+    off.update(net, 1, {})
+    assert off.step == 0 and not off.state
+
+
+def test_select_best_needs_a_selection_split() -> None:
+    with pytest.raises(ValueError, match="select_best needs val_data"):
+        RMConfig(model="m", data="d", select_best="accuracy", eval_every=0, val_data="v")
+
+
+def test_run_rm_select_best_saves_the_best_evaluated_weights(
+    rm_data: tuple[Path, Path], backbone: str, tmp_path: Path
+) -> None:
+    train, val = rm_data
+    cfg = RMConfig(
+        model=backbone,
+        data=str(train),
+        val_data=str(val),
+        out_dir=str(tmp_path / "best"),
+        max_steps=4,
+        eval_every=1,
+        select_best="mean_margin",
+        progress_bar=False,
+    )
+    cfg.optim.lr = 1e-2
+    result = run_rm(cfg)
+    logged = {
+        r["step"]: r["val/mean_margin"]
+        for r in read_metrics(result.run_dir / "metrics.jsonl")
+        if "val/mean_margin" in r
+    }
+    best_step = int(result.final_metrics["best_step"])
+    assert set(logged) == {1, 2, 3, 4} and 1 <= best_step <= 4
+    final = result.final_metrics["eval/mean_margin"]
+    assert final == logged[4]  # the last row holds the evaluation of the saved weights
+    assert final >= max(v for s, v in logged.items() if s < 4) - 1e-6
+    if best_step < 4:
+        assert final == pytest.approx(logged[best_step], abs=1e-6)
+
+
+def test_pair_objective_soft_margin_uses_the_pairs_margins_as_graded_labels() -> None:
+    from types import SimpleNamespace
+
+    from mmalign.losses.reward import bradley_terry_loss
+    from mmalign.recipes.rm import pair_objective
+
+    class Stub:
+        def pair_rewards(self, batch: object, share_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.tensor([[1.0], [0.0]]), torch.tensor([[0.5], [0.3]])
+
+    batch = SimpleNamespace(margins=[0.5, None])
+    cfg = RMConfig(model="m", data="d", soft_margin=2.0)
+    loss, _ = pair_objective(cfg)(Stub(), batch)  # type: ignore[arg-type]
+    want, _ = bradley_terry_loss(
+        torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.3]), margin=torch.tensor([0.5, 0.0]), soft_scale=2.0
+    )
+    hard, _ = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.3]))
+    assert loss.item() == pytest.approx(want.item()) and loss.item() != pytest.approx(hard.item())
+    with pytest.raises(ValueError, match="exclude each other"):
+        RMConfig(model="m", data="d", soft_margin=2.0, use_margin=True)

@@ -69,25 +69,40 @@ def bradley_terry_loss(
     r_rejected: Tensor,  # (B,) reward of y_l
     margin: Tensor | None = None,  # (B,) required reward gap per pair (Llama-2 style), None = 0
     centering: float = 0.0,  # c of the centering term c·(r_w + r_l)² [0.01 when used]
+    soft_scale: float = 0.0,  # s > 0: soft labels σ(s·m) from the score margins instead of a required gap
 ) -> tuple[Tensor, Metrics]:
     """Bradley–Terry reward-model loss, the mean over pairs of
 
     ``−log σ(r_w − r_l − m) + c·(r_w + r_l)²``
 
     computed with ``logsigmoid`` so that large gaps neither overflow nor lose the gradient. The
-    centering term keeps rewards near zero (the BT loss only sees differences). Metrics: ``loss``,
-    ``accuracy`` (share with r_w > r_l, strictly), ``reward_margin`` (mean r_w − r_l, without m),
-    ``chosen_reward``, ``rejected_reward`` (means).
+    centering term keeps rewards near zero (the BT loss only sees differences).
+
+    ``soft_scale`` s > 0 uses the margins as *graded* labels instead (BT with probabilistic labels): with
+    p = σ(s·m) the loss is the cross-entropy ``−p·log σ(Δ) − (1 − p)·log σ(−Δ)``, minimised at Δ = s·m, so
+    the reward gap of every pair is pulled towards s times its score margin (a close trade-off gets a small
+    gap instead of an unbounded one; r → s·score). Needs ``margin``.
+
+    Metrics: ``loss``, ``accuracy`` (share with r_w > r_l, strictly), ``reward_margin`` (mean r_w − r_l,
+    without m), ``chosen_reward``, ``rejected_reward`` (means).
     """
     _check_pair(r_chosen, r_rejected)
     if centering < 0:
         raise ConfigError(f"bradley_terry_loss: centering: must be >= 0, got {centering}")
+    if soft_scale < 0 or (soft_scale and margin is None):
+        raise ConfigError(f"bradley_terry_loss: soft_scale: must be >= 0 and needs margin, got {soft_scale}")
     diff = r_chosen - r_rejected  # (B,)
     logits = diff
     if margin is not None:
         _check_shape(margin, "margin", 1, like=r_chosen)
-        logits = diff - margin.detach().to(diff.dtype)
-    losses = -F.logsigmoid(logits)  # (B,)
+        if not soft_scale:
+            logits = diff - margin.detach().to(diff.dtype)
+    if soft_scale:
+        assert margin is not None
+        target = torch.sigmoid(soft_scale * margin.detach().to(diff.dtype))  # (B,)
+        losses = F.binary_cross_entropy_with_logits(diff, target, reduction="none")  # (B,)
+    else:
+        losses = -F.logsigmoid(logits)  # (B,)
     if centering:
         losses = losses + centering * (r_chosen + r_rejected) ** 2
     loss = losses.mean()

@@ -8,7 +8,9 @@ Read top to bottom: config → records (``PreferencePair``; ``Ranking`` lists ex
 Kinds (ALGORITHMS.md "Reward models"):
 
 - ``bt``: scalar head on the last token of prompt + response; L = −log σ(r_w − r_l − m) + c·(r_w + r_l)²
-  (``use_margin``: m = the pair's margin; ``centering``: c). Prompt + image encoded once per pair.
+  (``use_margin``: m = the pair's margin; ``centering``: c; ``soft_margin`` s: graded labels σ(s·margin)
+  instead). Prompt + image encoded once per pair. ``freeze`` keeps parts of the backbone (e.g. the vision
+  tower) at their initial weights; ``select_best`` keeps the weights of the best evaluation.
 - ``fact`` (LLaVA-RLHF): ``bt`` on prompts that carry the pair's ``facts`` (``with_facts``); the same
   transform is applied when the RM scores (``ModelReward``).
 - ``critique`` (MM-RLHF): the RM reads ``question Response: <y> Critique the response.`` and writes the
@@ -90,8 +92,16 @@ class RMConfig(TrainLoopConfig):
     """BT with margin: L = −log σ(r_w − r_l − margin) using each pair's ``margin`` (0 when missing)."""
     centering: float = 0.0
     """Weight c of the centering term c·(r_w + r_l)² (keeps rewards near 0; 0.01 is common)."""
+    soft_margin: float = 0.0
+    """s > 0 (bt, fact): BT against graded labels σ(s·margin) from each pair's score margin (0 when
+    missing) instead of hard ones: the reward gap of a pair is pulled to s·margin, so close trade-offs
+    and clear-cut pairs get gaps of their own size (``losses.reward.bradley_terry_loss``). Excludes
+    ``use_margin``."""
     critique_weight: float = 1.0
     """Weight of the critique NLL in the critique RM loss."""
+    freeze: tuple[str, ...] = ()
+    """Backbone parameters whose names contain one of these substrings keep their initial values, e.g.
+    ``[vision_tower, multi_modal_projector]`` keeps the SFT model's image features (the head trains)."""
     share_prefix: bool = True
     """Encode prompt + image once per pair (bt, fact): exact, fewer tokens through the backbone."""
     batch_size: int = 8
@@ -102,6 +112,12 @@ class RMConfig(TrainLoopConfig):
     """Evaluate on ``val_data`` every this many steps (0: only at the end)."""
     n_val: int | None = None
     """Use only the first ``n_val`` held-out pairs (None: all)."""
+    select_best: str = ""
+    """Early stopping: a ``val_data`` metric (e.g. ``accuracy``); ``final/`` gets the weights of the
+    evaluation (every ``eval_every`` steps and at the end) where it was highest, the earliest on ties.
+    ``val_data`` should then be a selection split of the *training* distribution, not the test set. Empty:
+    the last weights. The best weights are kept in memory: a resumed run compares evaluations after the
+    resume only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,8 +125,12 @@ class RMConfig(TrainLoopConfig):
             raise ValueError(f"kind must be one of {RM_KINDS}, got {self.kind!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.centering < 0 or self.critique_weight < 0:
-            raise ValueError("centering and critique_weight must be >= 0")
+        if self.centering < 0 or self.critique_weight < 0 or self.soft_margin < 0:
+            raise ValueError("centering, critique_weight and soft_margin must be >= 0")
+        if self.soft_margin and self.use_margin:
+            raise ValueError("use_margin and soft_margin exclude each other")
+        if self.select_best and not (self.val_data and self.eval_every):
+            raise ValueError("select_best needs val_data and eval_every > 0")
 
 
 @dataclass
@@ -243,10 +263,10 @@ def pair_objective(cfg: RMConfig) -> Objective:
     def objective(rm: RewardModel, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = rm.pair_rewards(batch, share_prefix=cfg.share_prefix)  # (B, 1) each
         margin = None
-        if cfg.use_margin:
+        if cfg.use_margin or cfg.soft_margin:
             margin = torch.tensor([m or 0.0 for m in batch.margins], dtype=chosen.dtype, device=chosen.device)
         loss, metrics = bradley_terry_loss(
-            chosen[:, 0], rejected[:, 0], margin=margin, centering=cfg.centering
+            chosen[:, 0], rejected[:, 0], margin=margin, centering=cfg.centering, soft_scale=cfg.soft_margin
         )
         return loss, _floats(metrics)
 
@@ -292,6 +312,20 @@ def aspect_objective(cfg: RMConfig, aspects: Sequence[str]) -> Objective:
 
 
 # ----------------------------------------------------------------------------------------------- recipe
+def freeze_backbone(rm: RewardModel, patterns: Sequence[str]) -> int:
+    """Stop training the backbone parameters whose names contain one of ``patterns``; returns how many
+    parameter tensors were frozen. ``ConfigError`` when a pattern matches no backbone parameter."""
+    frozen = 0
+    for pattern in patterns:
+        hits = [p for name, p in rm.backbone.named_parameters() if pattern in name]
+        if not hits:
+            raise ConfigError(f"freeze: {pattern!r} matches no backbone parameter")
+        for p in hits:
+            frozen += p.requires_grad
+            p.requires_grad_(False)
+    return frozen
+
+
 def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> RMResult:
     """Train ``cfg.model`` + a reward head on ``cfg.data``; write the run to ``cfg.out_dir``."""
     from mmalign.models.load import load_model
@@ -336,6 +370,7 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
     seed_everything(cfg.seed)
     backbone, processor = load_model(cfg.model, dtype="fp32", lora=cfg.lora)
     rm = RewardModel(backbone, dim=max(1, len(aspects)), aspects=aspects or None, kind=cfg.kind).train()
+    freeze_backbone(rm, cfg.freeze)
     base = data_path.parent
     items: list[Any]
     collate: Callable[[list[Any]], Any]
@@ -379,6 +414,7 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
     stream = micro_batches(items, cfg.batch_size, cfg.seed, position, None if cfg.max_steps else cfg.epochs)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     last: dict[str, float] = {}
+    best = _Best(cfg.select_best)
     show_bar = None if cfg.progress_bar else False
     with metrics, progress(total_steps, f"rm:{cfg.kind}", completed=step, enabled=show_bar) as bar:
         while step < total_steps:
@@ -402,9 +438,9 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
             last = {**sums, "lr": lr, "grad_norm": grad_norm, "epoch": position.epoch}
             record = dict(last) if step % cfg.log_every == 0 or step == total_steps else {}
             if val_pairs and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-                record.update(
-                    {f"val/{k}": v for k, v in _evaluate(rm, processor, val_pairs, cfg).metrics.items()}
-                )
+                evaluated = _evaluate(rm, processor, val_pairs, cfg).metrics
+                record.update({f"val/{k}": v for k, v in evaluated.items()})
+                best.update(rm, step, evaluated)
             if record:
                 metrics.log(step, record)
             if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
@@ -423,7 +459,13 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
         logged = [r for r in read_metrics(run.metrics_path) if "loss" in r]
         last = {k: v for k, v in (logged[-1] if logged else {}).items() if k not in ("step", "wall_time")}
 
-    # -- final model and evaluation
+    # -- final model (the best evaluation's weights with select_best) and evaluation
+    result = _evaluate(rm, processor, val_pairs, cfg) if val_pairs else None
+    if best.metric and result is not None:
+        best.update(rm, step, result.metrics)
+        if best.step != step:
+            rm.load_state_dict(best.state)
+            result = _evaluate(rm, processor, val_pairs, cfg)
     tmp = run.path / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora is not None and hasattr(rm.backbone, "merge_and_unload"):
@@ -432,16 +474,35 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
     shutil.rmtree(run.final_dir, ignore_errors=True)
     tmp.replace(run.final_dir)
     final_metrics = {k: float(v) for k, v in last.items() if isinstance(v, int | float)}
-    if val_pairs:
+    if best.metric:
+        final_metrics["best_step"] = float(best.step)
+    if result is not None:
         from mmalign.atomic import atomic_write_json
 
-        result = _evaluate(rm, processor, val_pairs, cfg)
         atomic_write_json(run.eval_dir / "rm.json", result.to_dict())
         final_metrics.update({f"eval/{k}": v for k, v in result.metrics.items()})
         metrics_row = {f"val/{k}": v for k, v in result.metrics.items()}
         with MetricsLogger(run.metrics_path, run.tensorboard_dir, resume_step=step) as final_log:
             final_log.log(step, metrics_row)
     return RMResult(run_dir=run.path, final_metrics=final_metrics, steps=step)
+
+
+class _Best:
+    """The weights of the evaluation with the highest ``metric`` so far (earliest on ties)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric, self.value, self.step = metric, -math.inf, 0
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, rm: torch.nn.Module, step: int, metrics: dict[str, float]) -> None:
+        if not self.metric:
+            return
+        if self.metric not in metrics:
+            raise ConfigError(f"select_best: no metric {self.metric!r}; evaluation gives {sorted(metrics)}")
+        value = float(metrics[self.metric])
+        if value > self.value:
+            self.value, self.step = value, step
+            self.state = {k: v.detach().clone() for k, v in rm.state_dict().items()}
 
 
 def _read_val(cfg: RMConfig) -> list[PreferencePair]:
