@@ -89,6 +89,23 @@ def aspect_quality(aspect: str, pred: Sequence[float], gold: Sequence[float]) ->
     return out
 
 
+def aspect_pair_accuracy(
+    aspect: str, pred: Sequence[tuple[float, float]], gold: Sequence[tuple[float, float]]
+) -> dict[str, float]:
+    """``<aspect>.pair_accuracy``: over the pairs whose two responses have *different* annotated scores,
+    the share whose predicted scores order them the same way (a predicted tie counts as wrong), and
+    ``<aspect>.pairs``, how many such pairs there were; nothing when there are none.
+
+    Unlike Spearman's ρ over all responses it is not capped by ties in the annotations: when most
+    responses share one score (e.g. full coverage), ρ stays far below 1 even for a model that orders every
+    differing pair correctly, because it never predicts exact ties."""
+    differing = [(p, g) for p, g in zip(pred, gold, strict=True) if g[0] != g[1]]
+    if not differing:
+        return {}
+    right = sum((p[0] - p[1]) * (g[0] - g[1]) > 0 for p, g in differing)
+    return {f"{aspect}.pair_accuracy": right / len(differing), f"{aspect}.pairs": float(len(differing))}
+
+
 def calibration(
     chosen: Sequence[float], rejected: Sequence[float], n_bins: int = 5
 ) -> tuple[list[dict[str, float]], float]:
@@ -163,13 +180,21 @@ def evaluate_rm(
     # per-aspect regression quality, over both responses of pairs with annotated scores
     for aspect in reward.model.aspects or ():
         pred, gold = [], []
+        pair_pred: list[tuple[float, float]] = []
+        pair_gold: list[tuple[float, float]] = []
         for i, p in enumerate(pairs):
+            both = []
             for side in ("chosen", "rejected"):
                 value = (p.scores or {}).get(side, {}).get(aspect)  # type: ignore[call-overload]
                 if value is not None:
                     pred.append(float(sides[side].aspects[aspect][i]))
                     gold.append(float(value))
+                    both.append((pred[-1], gold[-1]))
+            if len(both) == 2:
+                pair_pred.append((both[0][0], both[1][0]))
+                pair_gold.append((both[0][1], both[1][1]))
         metrics.update(aspect_quality(aspect, pred, gold))
+        metrics.update(aspect_pair_accuracy(aspect, pair_pred, pair_gold))
 
     # critique RMs: does the critique of a hallucinated response name the invented object?
     records: list[dict[str, Any]] = []
