@@ -108,7 +108,9 @@ def spearman_ceilings(pairs: list[PreferencePair]) -> dict[str, float]:
     out = {}
     for a, ys in gold.items():
         jittered = [y + 1e-9 * i for i, y in enumerate(ys)]
-        out[a] = spearman(jittered, ys)
+        rho = spearman(jittered, ys)
+        if rho == rho:  # NaN (constant gold scores, no correlation defined) stays out of the JSON
+            out[a] = rho
     return out
 
 
