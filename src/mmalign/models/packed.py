@@ -12,12 +12,13 @@ and only attention sees the per-row layout again:
   :data:`PACKED_ATTENTION` (transformers' ``AttentionInterface``), switched on for the text decoder only
   inside :func:`packed_attention`; its mask creation is skipped (the name has no mask function, so the
   model builds none);
-* per layer the attention function gathers the segments into a padded (S, H, L, D) block, puts the
-  segment's prompt K/V (taken from the prefix cache, layer by layer, with gradients) in front of the
-  segment's own K/V, and runs ``scaled_dot_product_attention`` with the mask "prompt tokens that are real
-  + causal within the segment" — then scatters the valid outputs back into the packed row. Projections,
-  MLPs, norms and the LM head therefore only ever see real tokens; attention (a small part of the work)
-  is the only place with padding.
+* per layer the attention function gathers the packed queries/keys/values into one block per **prompt
+  row** (B, H, G * L, D): the G responses continuing that prompt side by side. Their keys follow the row's
+  prompt K/V (taken from the prefix cache, layer by layer, with gradients; not copied per response), and
+  ``scaled_dot_product_attention`` runs with the mask "the row's real prompt tokens + causal within the
+  own response" (block-diagonal, so a pair's rejected response never sees its chosen one) — then the valid
+  outputs are scattered back into the packed row. Projections, MLPs, norms and the LM head therefore only
+  ever see real tokens; attention (a small part of the work) is the only place with padding.
 
 Positions are passed explicitly (each segment continues right after its prompt), so the result equals the
 padded continuation — and the plain concatenated forward — up to float round-off, gradients included
