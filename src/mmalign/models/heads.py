@@ -150,10 +150,7 @@ class RewardModel(_HeadModel):
         if packed and prefix.packing_supported():
             b = batch.batch_size
             ids, mask = stacked_responses(batch, device)  # (2B, W)
-            out, layout = prefix.continue_packed(ids, mask, rows.repeat(2), query_cols=last_token_index(mask))
-            hidden = out.last_hidden_state[0]  # (2B, H) with the last-layer skip, else (T, H)
-            if hidden.shape[0] != 2 * b or not prefix.skip:
-                hidden = hidden[layout.query_positions]
+            hidden = prefix.packed_hidden_at(ids, mask, rows.repeat(2), last_token_index(mask))  # (2B, H)
             rewards = self._head(hidden)  # (2B, dim)
             return rewards[:b], rewards[b:]
 

@@ -38,8 +38,13 @@ import torch
 
 from mmalign.data.pairs import PairBatch
 from mmalign.errors import DataError
-from mmalign.models.packed import PACKED_ATTENTION, PackedLayout, packed_attention
-from mmalign.models.partial import last_layer_queries, supports_last_layer_skip, text_decoder
+from mmalign.models.packed import PackedLayout, packed_attention
+from mmalign.models.partial import (
+    SUPPORTED_ATTENTION,
+    last_layer_queries,
+    supports_last_layer_skip,
+    text_decoder,
+)
 
 __all__ = [
     "SHARED_PREFIX_ARCHES",
@@ -300,7 +305,7 @@ class PrefixCache:
         """True when :meth:`continue_packed` applies: a text decoder whose attention is ``sdpa``/``eager``."""
         decoder = text_decoder(self.model)
         impl = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
-        return decoder is not None and impl in ("sdpa", "eager", PACKED_ATTENTION)
+        return decoder is not None and impl in SUPPORTED_ATTENTION
 
     def continue_packed(
         self,
@@ -341,6 +346,15 @@ class PrefixCache:
         with packed_attention(text_decoder(self.model).config, layout), skip:
             out = self.module(input_ids=packed_ids, position_ids=pos, use_cache=False, **kwargs)
         return out, layout
+
+    def packed_hidden_at(
+        self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`hidden_at` through :meth:`continue_packed`: (N, H) final hidden states of responses
+        ``ids``/``mask`` (N, W) at columns ``cols`` (N,), one padding-free continuation for all rows."""
+        out, layout = self.continue_packed(ids, mask, rows, query_cols=cols % ids.shape[1])
+        hidden = _hidden_of(out)[0]  # (N, H) with the last-layer skip, else (T, H)
+        return hidden if self.skip else hidden[layout.query_positions]
 
     def hidden_at(
         self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
@@ -434,12 +448,12 @@ def pair_token_logps(
         lp = torch.cat([first, rest], dim=1)  # (N, W)
         return torch.where(mask, lp, torch.zeros_like(lp))
 
+    if mode == "packed" and prefix.packing_supported():
+        return _packed_pair_logps(prefix, last, batch)
     device = prefix.device
     chosen_ids, chosen_mask = batch.chosen_ids.to(device), batch.chosen_mask.to(device)
     rejected_ids, rejected_mask = batch.rejected_ids.to(device), batch.rejected_mask.to(device)
     rows = torch.arange(batch.batch_size, device=device)
-    if mode == "packed" and prefix.packing_supported():
-        return _packed_pair_logps(prefix, last, batch)
     if mode != "batched":
         chosen = run(chosen_ids, chosen_mask, rows)
         prefix.crop(chosen_ids.shape[1])

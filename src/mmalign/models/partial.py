@@ -46,6 +46,7 @@ from mmalign.errors import DataError
 from mmalign.models.packed import PACKED_ATTENTION
 
 __all__ = [
+    "SUPPORTED_ATTENTION",
     "last_layer_queries",
     "last_layer_skip_reason",
     "supports_last_layer_skip",
@@ -54,7 +55,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED_ATTENTION = frozenset({"sdpa", "eager", PACKED_ATTENTION})
+SUPPORTED_ATTENTION = frozenset({"sdpa", "eager", PACKED_ATTENTION})
+"""Attention implementations the partial last layer (and the packed continuation) can run with."""
 _warned: set[str] = set()
 
 
@@ -94,7 +96,7 @@ def last_layer_skip_reason(model: Any) -> str | None:
     if type(layer) not in _layer_classes():
         return f"decoder layer {type(layer).__name__} is not a supported family"
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in _SUPPORTED_ATTENTION:
+    if impl not in SUPPORTED_ATTENTION:
         return f"attention implementation {impl!r} (supported: sdpa, eager)"
     attn = layer.self_attn
     if getattr(attn, "sliding_window", None) is not None:
