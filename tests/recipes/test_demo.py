@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmalign.recipes.demo import SUMMARY_KEYS, DemoSize, run_demo, stage_summary
 
 
@@ -65,6 +67,16 @@ def test_miniature_demo_with_rm_and_online_stages_records_each_stage(tmp_path: P
 
     assert {"accuracy", "acc_plus", "train_pairs"} <= set(summary["rm"])
     assert (tmp_path / "rm" / "final" / "reward_head.safetensors").is_file()
+    # the RM stage keeps the SFT model's image features: vision tower + projector weights unchanged
+    from mmalign.models.heads import load_reward_model
+    from mmalign.models.load import load_model
+
+    sft = dict(load_model(tmp_path / "sft" / "final", dtype="fp32")[0].named_parameters())
+    rm = dict(load_reward_model(tmp_path / "rm" / "final")[0].backbone.named_parameters())
+    frozen = [n for n in sft if "vision_tower" in n or "multi_modal_projector" in n]
+    trained = [n for n in sft if "language_model.layers" in n]
+    assert frozen and all(torch.equal(sft[n], rm[n]) for n in frozen)
+    assert any(not torch.equal(sft[n], rm[n]) for n in trained)
     for stage in ("rsf", "online_dpo", "ppo"):
         world = json.loads((tmp_path / stage / "eval" / "world.json").read_text())
         assert summary[stage]["chair_i"] == world["chair_i"]
