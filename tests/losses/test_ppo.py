@@ -14,6 +14,7 @@ from mmalign.losses.ppo import (
     gae,
     kl_penalty,
     llava_rlhf_reward,
+    masked_mean,
     policy_loss,
     token_rewards,
     value_loss,
@@ -300,3 +301,11 @@ def test_llava_rlhf_reward_without_correctness_and_custom_penalty() -> None:
     assert m["correctness"] == 0.0
     with pytest.raises(ConfigError, match="max_length"):
         llava_rlhf_reward(RM, LENGTH, 0, EOS, None, length_penalty=0.5, correctness_bonus=2.0)
+
+
+def test_masked_mean_pools_valid_tokens_of_all_rows_and_rejects_an_empty_mask() -> None:
+    x = torch.tensor([[1.0, 2.0, NAN], [4.0, NAN, NAN]])  # padding may hold anything, even NaN
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 4) / 3)  # token-level, not row means
+    with pytest.raises(DataError, match="no valid tokens"):
+        masked_mean(x, torch.zeros_like(mask))

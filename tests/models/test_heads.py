@@ -4,7 +4,6 @@ identically from safetensors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,9 @@ from mmalign.data.pairs import PairCollator
 from mmalign.errors import ModelLoadError
 from mmalign.models.heads import RewardModel, ValueModel, last_token_index, load_reward_model
 
+ONE_THREAD = True  # see tests/conftest.py
+
 ARCHES = ["llava", "qwen2_vl", "idefics3", "paligemma", "llama"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_last_token_index_handles_right_and_left_padding() -> None:

@@ -6,7 +6,6 @@ the plain path."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +24,8 @@ from mmalign.models.logprobs import (
     token_logps_from_logits,
 )
 
+ONE_THREAD = True  # see tests/conftest.py
+
 ARCHES = ["llava", "qwen2_vl", "idefics3", "paligemma", "llama"]
 VISION_TOWER = {
     "llava": "vision_tower",
@@ -32,15 +33,6 @@ VISION_TOWER = {
     "idefics3": "vision_model",
     "paligemma": "vision_tower",
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one CPU thread is faster than two on a shared machine (and timing-stable)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def single_pair_logps(model: Any, proc: Any, pair: PreferencePair, prompt_len: int) -> list[torch.Tensor]:

@@ -6,7 +6,6 @@ skip is really taken (the last layer's MLP sees one row per sequence, or none)."
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,15 +20,9 @@ from mmalign.models.heads import RewardModel
 from mmalign.models.logprobs import pair_token_logps
 from mmalign.models.partial import last_layer_queries, last_layer_skip_reason, supports_last_layer_skip
 
+ONE_THREAD = True  # see tests/conftest.py
+
 ARCHES = ["llava", "qwen2_vl", "idefics3", "paligemma", "llama"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def double_setup(arch: str) -> tuple[Any, PairBatch]:

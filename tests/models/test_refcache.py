@@ -5,7 +5,6 @@ safetensors + a JSON index written atomically."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,7 @@ from mmalign.models.refcache import (
     pair_keys,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one CPU thread is faster than two on a shared machine (and timing-stable)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+ONE_THREAD = True  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

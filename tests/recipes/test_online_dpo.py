@@ -6,7 +6,6 @@ validation inside the DPO runs completes."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ from mmalign.recipes.online_dpo import (
 )
 from mmalign.recipes.run import OptimConfig, read_metrics
 from mmalign.recipes.sft import CONFIG_DIR
+
+ONE_THREAD = True  # see tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
@@ -93,14 +94,6 @@ def test_shipped_config_parses_with_the_papers_defaults_and_picks_the_reference(
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llava(tmp_path_factory.mktemp("online_dpo") / "policy")

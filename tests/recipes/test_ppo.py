@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ from mmalign.recipes.ppo import PPOConfig, load_critic, load_ppo_config, prompt_
 from mmalign.recipes.run import OptimConfig, list_checkpoints, read_metrics
 from mmalign.recipes.sft import CONFIG_DIR
 from mmalign.rollout.rewards import OracleReward, RewardBatch, RewardOutput
+
+ONE_THREAD = True  # see tests/conftest.py
 
 TRAIN_KEYS = (
     "reward/shaped", "reward/raw", "reward/raw_std", "reward/correctness", "reward/length_penalty",
@@ -77,14 +78,6 @@ def test_a_reward_model_folder_initialises_the_value_head_of_the_critic(tmp_path
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def text_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny text LM and a JSONL of four questions as prompts."""

@@ -5,7 +5,6 @@ a real oracle run completes, and the mean reward of a learnable reward rises eve
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ from mmalign.recipes.rsf import RSFConfig, load_rsf_config, run_rsf, select_best
 from mmalign.recipes.run import OptimConfig, read_metrics
 from mmalign.recipes.sft import CONFIG_DIR
 from mmalign.rollout.rewards import RewardBatch, RewardOutput
+
+ONE_THREAD = True  # see tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
@@ -101,14 +102,6 @@ def test_file_prompts_take_the_turns_before_the_last_answer_with_their_images_an
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llava(tmp_path_factory.mktemp("rsf") / "policy")

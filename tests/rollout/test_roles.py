@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import itertools
 import statistics
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,15 +42,9 @@ from mmalign.world.corpus import train_scenes
 from mmalign.world.grammar import caption
 from mmalign.world.render import render
 
+ONE_THREAD = True  # see tests/conftest.py
+
 TINY = dict(image_size=32, patch_size=8, text_hidden=64, text_layers=2, vision_hidden=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

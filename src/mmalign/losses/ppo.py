@@ -41,7 +41,7 @@ def _token_mask(mask: Tensor, **tensors: Tensor) -> Tensor:  # (B, T) bool
     return mask.bool()
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:  # (B, T), (B, T) bool -> scalar
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:  # (B, T), (B, T) bool -> scalar
     """Mean of ``x`` over the True entries of ``mask``, all rows pooled (token-level mean)."""
     n = int(mask.sum().item())
     if n == 0:
@@ -220,13 +220,13 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = _masked_mean(torch.maximum(unclipped, clipped), valid)
+    loss = masked_mean(torch.maximum(unclipped, clipped), valid)
     with torch.no_grad():
         metrics = {
             "loss": loss.item(),
-            "clip_frac": _masked_mean((clipped > unclipped).to(ratio.dtype), valid).item(),
-            "approx_kl": _masked_mean(0.5 * log_ratio**2, valid).item(),
-            "ratio_mean": _masked_mean(ratio, valid).item(),
+            "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), valid).item(),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, valid).item(),
+            "ratio_mean": masked_mean(ratio, valid).item(),
         }
     return loss, metrics
 
@@ -254,14 +254,14 @@ def value_loss(
     v_clipped = v_old + (v - v_old).clamp(-clip_eps, clip_eps)
     err_unclipped = (v - ret) ** 2
     err_clipped = (v_clipped - ret) ** 2
-    loss = 0.5 * _masked_mean(torch.maximum(err_unclipped, err_clipped), valid)
+    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), valid)
     with torch.no_grad():
         metrics = {
             "loss": loss.item(),
-            "clip_frac": _masked_mean((err_clipped > err_unclipped).to(v.dtype), valid).item(),
-            "value_mean": _masked_mean(v, valid).item(),
-            "return_mean": _masked_mean(ret, valid).item(),
-            "value_error": _masked_mean(err_unclipped, valid).item(),
+            "clip_frac": masked_mean((err_clipped > err_unclipped).to(v.dtype), valid).item(),
+            "value_mean": masked_mean(v, valid).item(),
+            "return_mean": masked_mean(ret, valid).item(),
+            "value_error": masked_mean(err_unclipped, valid).item(),
         }
     return loss, metrics
 
@@ -357,6 +357,7 @@ __all__ = [
     "gae",
     "kl_penalty",
     "llava_rlhf_reward",
+    "masked_mean",
     "policy_loss",
     "token_rewards",
     "value_loss",

@@ -47,10 +47,10 @@ from mmalign.errors import DataError
 from mmalign.losses.ppo import (
     KLController,
     KLKind,
-    _masked_mean,
     gae,
     kl_penalty,
     llava_rlhf_reward,
+    masked_mean,
     policy_loss,
     token_rewards,
     value_loss,
@@ -441,13 +441,13 @@ def actor_train(
         info["pg_loss"] = info.pop("loss")
         if settings.kl_loss_coef:
             assert mb.ref_logps is not None
-            kl = _masked_mean(kl_penalty(logps, mb.ref_logps, settings.kl_loss_kind), mb.action_mask)
+            kl = masked_mean(kl_penalty(logps, mb.ref_logps, settings.kl_loss_kind), mb.action_mask)
             loss = loss + settings.kl_loss_coef * kl
             info["kl_loss"] = float(kl.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         info["grad_norm"] = _clip_and_step(params, optimizer, scheduler, settings.max_grad_norm)
-        info.update(loss=float(loss.detach()), entropy=float(_masked_mean(entropy, mb.action_mask)))
+        info.update(loss=float(loss.detach()), entropy=float(masked_mean(entropy, mb.action_mask)))
         means.add(info)
     optimizer.zero_grad(set_to_none=True)
     return means.means()
@@ -554,7 +554,7 @@ class LocalRunner:
             "kl_coef_next": self.kl_controller.value,
             "advantages/mean": float(exp.info["adv_mean"].mean()),
             "advantages/std": float(exp.info["adv_std"].mean()),
-            "returns/mean": float(_masked_mean(exp.returns, exp.action_mask)),
+            "returns/mean": float(masked_mean(exp.returns, exp.action_mask)),
             **{f"policy/{k}": v for k, v in actor.items()},
             **{f"value/{k}": v for k, v in critic.items()},
         }
