@@ -31,6 +31,7 @@ from torch import nn
 from mmalign.atomic import atomic_write_json
 from mmalign.data.pairs import PairBatch
 from mmalign.errors import ModelLoadError
+from mmalign.models.kernels import lean_kernels
 from mmalign.models.logprobs import PrefixCache, base_model_of, stacked_responses, warn_unsupported
 
 HEAD_WEIGHTS = "reward_head.safetensors"
@@ -94,17 +95,24 @@ class RewardModel(_HeadModel):
     """A reward model: ``forward`` → (B, dim) rewards at each sequence's last non-pad token.
 
     ``aspects`` names the head's outputs for multi-aspect models (len == dim); ``kind`` records how it was
-    trained (``bt``, ``fact``, ``critique``, ``aspects``, ``pairwise``) so scoring can build the same input.
+    trained (``bt``, ``fact``, ``critique``, ``aspects``, ``pairwise``) so scoring can build the same input;
+    ``facts_placement`` where a ``fact`` RM read its facts (``mmalign.data.rm_inputs.with_facts``).
     """
 
     def __init__(
-        self, backbone: Any, dim: int = 1, aspects: Sequence[str] | None = None, kind: str = "bt"
+        self,
+        backbone: Any,
+        dim: int = 1,
+        aspects: Sequence[str] | None = None,
+        kind: str = "bt",
+        facts_placement: str = "system",
     ) -> None:
         super().__init__(backbone, dim)
         if aspects is not None and len(aspects) != dim:
             raise ValueError(f"{len(aspects)} aspect names for a {dim}-dim head")
         self.aspects = tuple(aspects) if aspects is not None else None
         self.kind = kind
+        self.facts_placement = facts_placement
 
     @property
     def dim(self) -> int:
@@ -127,6 +135,7 @@ class RewardModel(_HeadModel):
         share_prefix: bool = True,
         skip_last_layer: bool = True,
         packed: bool = True,
+        lean: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (B, dim) of the chosen and of the rejected responses of ``batch``.
 
@@ -135,7 +144,14 @@ class RewardModel(_HeadModel):
         (:mod:`mmalign.models.partial`; same rewards and gradients up to round-off). Models without support
         compute every position (logged once). ``packed`` (with ``share_prefix``): both responses of every pair
         run in one padding-free continuation (:mod:`mmalign.models.packed`) instead of one padded call per
-        side."""
+        side. ``lean``: forward under :func:`~mmalign.models.kernels.lean_kernels` (same values, leaner
+        autograd for Llama/Qwen2-family decoders)."""
+        with lean_kernels(lean):
+            return self._pair_rewards(batch, share_prefix, skip_last_layer, packed)
+
+    def _pair_rewards(
+        self, batch: PairBatch, share_prefix: bool, skip_last_layer: bool, packed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not share_prefix or warn_unsupported(self.backbone):
             return self._plain_pair_rewards(batch)
         prefix = PrefixCache(
@@ -182,7 +198,10 @@ class RewardModel(_HeadModel):
         tmp = out / f".{HEAD_WEIGHTS}.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(tmp))
         tmp.replace(out / HEAD_WEIGHTS)
-        atomic_write_json(out / HEAD_CONFIG, {"dim": self.dim, "aspects": self.aspects, "kind": self.kind})
+        meta = {"dim": self.dim, "aspects": self.aspects, "kind": self.kind}
+        if self.kind == "fact":
+            meta["facts_placement"] = self.facts_placement
+        atomic_write_json(out / HEAD_CONFIG, meta)
         return out
 
 
@@ -200,7 +219,14 @@ def load_reward_model(
         raise ModelLoadError(f"{folder}: not a reward model ({HEAD_CONFIG} and {HEAD_WEIGHTS} expected)")
     meta = json.loads(head_cfg.read_text())
     backbone, processor = load_model(folder, dtype=dtype, for_training=for_training)  # type: ignore[arg-type]
-    rm = RewardModel(backbone, dim=int(meta["dim"]), aspects=meta.get("aspects"), kind=str(meta["kind"]))
+    rm = RewardModel(
+        backbone,
+        dim=int(meta["dim"]),
+        aspects=meta.get("aspects"),
+        kind=str(meta["kind"]),
+        # fact RMs saved before the placement was recorded read their facts in the user turn
+        facts_placement=str(meta.get("facts_placement", "user" if meta["kind"] == "fact" else "system")),
+    )
     rm.head.load_state_dict(load_file(str(head_weights)))
     rm.head.to(next(backbone.parameters()).dtype)
     rm.train(for_training)

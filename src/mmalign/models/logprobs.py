@@ -38,6 +38,7 @@ import torch
 
 from mmalign.data.pairs import PairBatch
 from mmalign.errors import DataError
+from mmalign.models.kernels import lean_kernels
 from mmalign.models.packed import PackedLayout, packed_attention
 from mmalign.models.partial import (
     SUPPORTED_ATTENTION,
@@ -420,6 +421,7 @@ def pair_token_logps(
     share_prefix: bool = True,
     mode: Literal["packed", "sequential", "batched"] = "packed",
     skip_last_layer: bool = True,
+    lean: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs of the chosen (B, Tc) and rejected (B, Tr) responses (0 outside their masks).
 
@@ -431,7 +433,20 @@ def pair_token_logps(
     output at each prompt's last real token (:mod:`mmalign.models.partial`; same result up to round-off);
     ignored, with a one-time log, for models where :func:`~mmalign.models.partial.supports_last_layer_skip`
     is False.
+    ``lean``: run the forward with :func:`~mmalign.models.kernels.lean_kernels` (leaner RMSNorm and rotary
+    autograd for Llama/Qwen2-family decoders; same values).
     """
+    with lean_kernels(lean):
+        return _pair_token_logps(model, batch, share_prefix, mode, skip_last_layer)
+
+
+def _pair_token_logps(
+    model: Any,
+    batch: PairBatch,
+    share_prefix: bool,
+    mode: Literal["packed", "sequential", "batched"],
+    skip_last_layer: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not share_prefix or warn_unsupported(model):
         return _plain_pair_logps(model, batch)
     if mode not in ("packed", "sequential", "batched"):
