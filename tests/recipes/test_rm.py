@@ -111,6 +111,9 @@ def test_run_rm_trains_each_kind_saves_a_loadable_rm_and_evaluates(
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns something on its own training pairs
     rm, _ = load_reward_model(result.model_dir)
     assert rm.kind == kind
+    head_meta = json.loads((result.model_dir / "reward_head.json").read_text())
+    assert head_meta.get("facts_placement") == ("system" if kind == "fact" else None)
+    assert rm.facts_placement == "system"
     evaluation = json.loads((result.run_dir / "eval" / "rm.json").read_text())
     metrics = evaluation["metrics"]
     assert {"accuracy", "acc_plus", "ece", "n_pairs"} <= set(metrics) and metrics["n_pairs"] == 6
@@ -229,3 +232,24 @@ def test_pair_objective_soft_margin_uses_the_pairs_margins_as_graded_labels() ->
     assert loss.item() == pytest.approx(want.item()) and loss.item() != pytest.approx(hard.item())
     with pytest.raises(ValueError, match="exclude each other"):
         RMConfig(model="m", data="d", soft_margin=2.0, use_margin=True)
+
+
+def test_a_fact_rm_saved_before_placements_were_recorded_loads_with_user_placement(
+    backbone: str, tmp_path: Path
+) -> None:
+    """Older fact RMs read their facts in the user turn; their reward_head.json has no placement key."""
+    from mmalign.models.heads import RewardModel
+    from mmalign.models.load import load_model
+
+    model, processor = load_model(backbone, dtype="fp32")
+    rm = RewardModel(model, kind="fact", facts_placement="user")
+    out = rm.save(tmp_path / "old_fact_rm", processor)
+    meta = json.loads((out / "reward_head.json").read_text())
+    assert meta.pop("facts_placement") == "user"
+    (out / "reward_head.json").write_text(json.dumps(meta))
+    assert load_reward_model(out)[0].facts_placement == "user"
+
+
+def test_facts_placement_is_validated() -> None:
+    with pytest.raises(ValueError, match="facts_placement must be one of"):
+        RMConfig(kind="fact", facts_placement="prompt")  # type: ignore[arg-type]

@@ -76,11 +76,19 @@ def tiny_llava() -> tuple[Any, Any]:
     return build_tiny("llava", image_size=32, patch_size=8, text_hidden=64, text_layers=2, vision_hidden=32)
 
 
-@pytest.mark.parametrize("kind", ["bt", "fact", "aspects"])
+@pytest.mark.parametrize("kind", ["bt", "fact", "fact:user", "aspects"])
 def test_model_reward_scores_the_rm_input_of_its_kind(kind: str, tiny_llava: tuple[Any, Any]) -> None:
     backbone, proc = tiny_llava
+    kind, _, placement = kind.partition(":")
+    placement = placement or "system"
     dim = 2 if kind == "aspects" else 1
-    rm = RewardModel(backbone, dim=dim, aspects=("correctness", "coverage") if dim == 2 else None, kind=kind)
+    rm = RewardModel(
+        backbone,
+        dim=dim,
+        aspects=("correctness", "coverage") if dim == 2 else None,
+        kind=kind,
+        facts_placement=placement,
+    )
     reward = R.ModelReward(rm, proc, weights={"correctness": 3.0, "coverage": 1.0} if dim == 2 else None)
     assert isinstance(reward, R.Reward)
     texts = ["There is a red circle.", "There is a green star.", ""]
@@ -89,9 +97,17 @@ def test_model_reward_scores_the_rm_input_of_its_kind(kind: str, tiny_llava: tup
     assert out.scores.shape == (3,)
     # the same numbers from a direct forward over the conversation of this kind
     for i, text in enumerate(texts):
-        messages = R.rm_conversation(kind, PROMPT, text or R.EMPTY_RESPONSE, b.truths[i])
+        messages = R.rm_conversation(
+            kind,
+            PROMPT,
+            text or R.EMPTY_RESPONSE,
+            b.truths[i],
+            facts_placement=placement,  # type: ignore[arg-type]
+        )
         rendered = proc.apply_chat_template([m.model_dump() for m in messages], tokenize=False)
         assert (FACTS_HEADER in rendered) is (kind == "fact")
+        if kind == "fact":  # system turn first, or the facts at the end of the user turn
+            assert rendered.startswith("<|system|>") is (placement == "system")
         enc = proc(images=b.images[i], text=[rendered], return_tensors="pt")
         with torch.no_grad():
             raw = rm(enc.pop("input_ids"), enc.pop("attention_mask"), **enc)[0]

@@ -38,7 +38,7 @@ import torch
 from mmalign.config import load_config
 from mmalign.data.collate import IGNORE_INDEX, SFTCollator
 from mmalign.data.pairs import PairCollator
-from mmalign.data.rm_inputs import pair_with_facts
+from mmalign.data.rm_inputs import FACTS_PLACEMENTS, FactsPlacement, pair_with_facts
 from mmalign.data.schema import PreferencePair, Ranking, Sample
 from mmalign.errors import ConfigError, DataError
 from mmalign.losses.reward import (
@@ -83,6 +83,10 @@ class RMConfig(TrainLoopConfig):
     """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, eval/rm.json."""
     kind: RMKind = "bt"
     """``bt``, ``fact`` (facts in the prompt), ``critique`` (generate critique, then score) or ``aspects``."""
+    facts_placement: FactsPlacement = "system"
+    """``fact`` kind: where the facts go (``mmalign.data.rm_inputs.with_facts``): ``system``, a system turn
+    before the conversation (the user turn stays as in SFT), or ``user``, appended to the last user turn
+    (LLaVA-RLHF's layout). Recorded with the model, so scoring uses the same placement."""
     aspects: tuple[str, ...] = ()
     """``aspects`` kind: the head's outputs in order (empty: every aspect found in the data, sorted)."""
     ranking_score: str = "reward"
@@ -123,6 +127,10 @@ class RMConfig(TrainLoopConfig):
         super().__post_init__()
         if self.kind not in RM_KINDS:
             raise ValueError(f"kind must be one of {RM_KINDS}, got {self.kind!r}")
+        if self.facts_placement not in FACTS_PLACEMENTS:
+            raise ValueError(
+                f"facts_placement must be one of {FACTS_PLACEMENTS}, got {self.facts_placement!r}"
+            )
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.centering < 0 or self.critique_weight < 0 or self.soft_margin < 0:
@@ -356,7 +364,7 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
                 file=str(data_path),
                 field="facts",
             )
-        pairs = [pair_with_facts(p) for p in pairs]
+        pairs = [pair_with_facts(p, cfg.facts_placement) for p in pairs]
     aspects: tuple[str, ...] = ()
     if cfg.kind == "aspects":
         found = sorted({a for p in pairs for s in (p.scores or {}).values() for a in s if a != "reward"})
@@ -369,7 +377,13 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
     # -- model
     seed_everything(cfg.seed)
     backbone, processor = load_model(cfg.model, dtype="fp32", lora=cfg.lora)
-    rm = RewardModel(backbone, dim=max(1, len(aspects)), aspects=aspects or None, kind=cfg.kind).train()
+    rm = RewardModel(
+        backbone,
+        dim=max(1, len(aspects)),
+        aspects=aspects or None,
+        kind=cfg.kind,
+        facts_placement=cfg.facts_placement,
+    ).train()
     freeze_backbone(rm, cfg.freeze)
     base = data_path.parent
     items: list[Any]

@@ -19,13 +19,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
 from mmalign.data.answers import extract_answer
 from mmalign.data.collate import SFTCollator
-from mmalign.data.rm_inputs import critique_conversation, with_facts
+from mmalign.data.rm_inputs import FactsPlacement, critique_conversation, with_facts
 from mmalign.data.schema import Message
 from mmalign.errors import DataError
 from mmalign.models.heads import RewardModel
@@ -145,12 +145,18 @@ EMPTY_RESPONSE = "."
 
 
 def rm_conversation(
-    kind: str, prompt: Sequence[Message], response: str, truth: dict[str, Any], critique: str | None = None
+    kind: str,
+    prompt: Sequence[Message],
+    response: str,
+    truth: dict[str, Any],
+    critique: str | None = None,
+    facts_placement: FactsPlacement = "system",
 ) -> list[Message]:
     """The conversation a reward model of ``kind`` reads for (prompt, response) — same at train and score
-    time. ``fact`` needs ``truth["facts"]``; ``critique`` needs the critique text."""
+    time. ``fact`` needs ``truth["facts"]`` (placed as ``facts_placement``); ``critique`` needs the
+    critique text."""
     if kind == "fact":
-        return [*with_facts(prompt, truth.get("facts")), Message.assistant(response)]
+        return [*with_facts(prompt, truth.get("facts"), facts_placement), Message.assistant(response)]
     if kind == "critique":
         if critique is None:
             raise DataError("a critique RM scores (prompt, response, critique): critique missing")
@@ -179,6 +185,7 @@ class ModelReward:
     ) -> None:
         self.model, self.processor = model, processor
         self.kind = model.kind
+        self.facts_placement = cast("FactsPlacement", getattr(model, "facts_placement", "system"))
         self.name = f"rm:{self.kind}"
         self.batch_size = batch_size
         self.critique_max_new_tokens = critique_max_new_tokens
@@ -222,6 +229,7 @@ class ModelReward:
                         batch.responses[i] or EMPTY_RESPONSE,
                         batch.truths[i],
                         critiques[i] if critiques is not None else None,
+                        self.facts_placement,
                     )
                     ex = self.collator.render_messages(messages, batch.images[i], str(i))
                     if ex is not None:
