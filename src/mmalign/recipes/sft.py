@@ -161,6 +161,7 @@ def run_sft(
     from mmalign.data.collate import SFTCollator
     from mmalign.data.io import read_jsonl
     from mmalign.data.schema import Dialogue, Sample
+    from mmalign.models.kernels import lean_kernels
     from mmalign.models.load import load_model
 
     # -- config & run dir
@@ -224,7 +225,7 @@ def run_sft(
             loss_sum = 0.0
             for batch in window:
                 labels = batch.pop("labels")  # (B, T)
-                with autocast:
+                with autocast, lean_kernels():  # same values, leaner norm/rotary autograd (models.kernels)
                     logits = model(**batch).logits  # (B, T, V)
                 micro_loss = assistant_token_loss_sum(logits, labels)
                 (micro_loss / n_tokens).backward()
