@@ -8,7 +8,9 @@ subprocess, one after the other** (so each side's peak RSS is its own and the tw
 * ``ours``: ``PairCollator`` → ``pair_token_logps(model, batch, share_prefix=True)`` (prompt + image encoded
   once per pair, KV cache reused by both responses) → ``sequence_scores`` → ``preference_loss("dpo")``,
   with the reference log-probs computed **once** before training by ``compute_reference_logps`` (timed
-  separately: ``ours_ref_precompute_s``), so no reference model is kept during training;
+  separately: ``ours_ref_precompute_s``), so no reference model is kept during training; the pair forward
+  runs under ``models.kernels.lean_kernels`` (RMSNorm / rotary autograd with fewer full-size temporaries;
+  bit-identical forward values);
 * ``trl``: ``trl.DPOTrainer`` on the same saved model path, in its fastest correct configuration on this
   machine (printed in ``settings.trl``): no gradient checkpointing, fp32, no eval/logging/saving,
   sequential sampling (same batch order as ours), ``precompute_ref_log_probs=False`` because TRL refuses it
@@ -407,6 +409,8 @@ def _summary(
                 "like TRL's dataset.map tokenisation before training), then padded per step",
                 "prefix_shared": ours["prefix_shared"],
                 "reference": "compute_reference_logps once before training (not kept in memory)",
+                "kernels": "models.kernels.lean_kernels (default of the pair forward): RMSNorm and rotary "
+                "embeddings with a leaner autograd, bit-identical forward values",
                 "ref_pairs": ours["ref_pairs"],
             },
             "trl": {

@@ -9,7 +9,8 @@ in the same order, **each side in its own subprocess, one after the other** (per
 never share the 2 cores):
 
 * ``ours``: ``PairCollator`` → ``RewardModel.pair_rewards(batch, share_prefix=True)`` (prompt + image
-  encoded once per pair, both responses continue its KV cache) → ``bradley_terry_loss`` → AdamW step;
+  encoded once per pair, both responses continue its KV cache; ``models.kernels.lean_kernels`` for RMSNorm /
+  rotary autograd, bit-identical forward values) → ``bradley_terry_loss`` → AdamW step;
 * ``hf``: the loop a transformers user writes, importing no mmalign code: ``AutoModel.from_pretrained``
   (the base ``LlavaModel``, no LM head) and an ``nn.Linear`` loaded from ``reward_head.safetensors``; per
   step the processor turns the 2B texts ``prompt + chosen`` / ``prompt + rejected`` with their images
@@ -253,6 +254,8 @@ def _summary(
                 "prefix_shared": ours["prefix_shared"],
                 "attn_implementation": ours["attn_implementation"],
                 "collation": "PairCollator(cache=True), prepared before training; padding per step",
+                "kernels": "models.kernels.lean_kernels (default of the pair forward): RMSNorm and rotary "
+                "embeddings with a leaner autograd, bit-identical forward values",
             },
             "hf": {
                 "model": f"AutoModel.from_pretrained → {hf['model_class']} + nn.Linear(hidden, 1)",
