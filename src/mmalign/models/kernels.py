@@ -29,6 +29,7 @@ the lean versions too, which compute the same values.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -139,8 +140,9 @@ def _module(name: str) -> Any:
         return None
 
 
+@functools.cache
 def _is_plain_rmsnorm(cls: Any) -> bool:
-    """Whether ``cls`` computes exactly what :class:`_RMSNormFn` computes (probe in float64)."""
+    """Whether ``cls`` computes exactly what :class:`_RMSNormFn` computes (float64 probe, once per class)."""
     try:
         norm = cls(6, eps=1e-6).to(torch.float64)
     except TypeError:
