@@ -47,6 +47,7 @@ from mmalign.recipes.rm import RMConfig, load_rm_config, run_rm
 from mmalign.rollout.rewards import ModelReward, RewardBatch, RewardOutput
 from mmalign.world.corpus import eval_scenes, train_scenes
 from mmalign.world.oracle import Oracle
+from mmalign.world.pairs import ALL_VARIANT_KINDS, VARIANT_KINDS
 
 HALLUCINATING = {"object", "object+color"}
 
@@ -62,7 +63,13 @@ def is_hallucination_pair(pair: PreferencePair) -> bool:
 
 
 def make_data(
-    out: Path, n_train: int, n_val: int, noise: float, seed: int, n_select: int = 0
+    out: Path,
+    n_train: int,
+    n_val: int,
+    noise: float,
+    seed: int,
+    n_select: int = 0,
+    kinds: tuple[str, ...] = VARIANT_KINDS,
 ) -> dict[str, Path]:
     """Clean and noisy training pairs, the held-out pairs (``eval_scenes(n_val, seed + 3000)``, clean) and,
     with ``n_select``, a selection split for early stopping: the pairs of the last ``n_select`` *training*
@@ -72,13 +79,16 @@ def make_data(
     scenes = train_scenes(n_train, seed)
     fit, select = (scenes[:-n_select], scenes[-n_select:]) if n_select else (scenes, [])
     for name, oracle in (("clean", Oracle(seed=seed)), ("noisy", Oracle(noise=noise, seed=seed))):
-        pairs = variant_pairs(fit, seed=seed, oracle=oracle, image_dir=images, relative_to=out)
+        pairs = variant_pairs(fit, seed=seed, kinds=kinds, oracle=oracle, image_dir=images, relative_to=out)
         write_pairs(out / f"train_{name}.jsonl", pairs)
         paths[name] = out / f"train_{name}.jsonl"
     if select:
-        write_pairs(out / "select.jsonl", variant_pairs(select, seed=seed, image_dir=images, relative_to=out))
+        picked = variant_pairs(select, seed=seed, kinds=kinds, image_dir=images, relative_to=out)
+        write_pairs(out / "select.jsonl", picked)
         paths["select"] = out / "select.jsonl"
-    val = variant_pairs(eval_scenes(n_val, seed + 3000), seed=seed, image_dir=images, relative_to=out)
+    val = variant_pairs(
+        eval_scenes(n_val, seed + 3000), seed=seed, kinds=kinds, image_dir=images, relative_to=out
+    )
     write_pairs(out / "val.jsonl", val)
     paths["val"] = out / "val.jsonl"
     return paths
@@ -179,6 +189,12 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument(
+        "--kinds",
+        default=",".join(VARIANT_KINDS),
+        help=f"caption variants paired per scene (of {','.join(ALL_VARIANT_KINDS)}); the opt-in "
+        "omit2/garbled spread coverage and instruction following for the aspects RM",
+    )
+    ap.add_argument(
         "--data-dir", default="", help="reuse the pairs of an earlier run (OUT/data) instead of making them"
     )
     args = ap.parse_args()
@@ -193,7 +209,8 @@ def main() -> None:
             name: src / f"{stem}.jsonl" for name, stem in stems.items() if (src / f"{stem}.jsonl").exists()
         }
     else:
-        data = make_data(out / "data", args.n_train, args.n_val, args.noise, args.seed, args.select)
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        data = make_data(out / "data", args.n_train, args.n_val, args.noise, args.seed, args.select, kinds)
     val_pairs = [r for r in read_jsonl(data["val"]) if isinstance(r, PreferencePair)]
     runs = {
         "bt": ("bt", "clean"),

@@ -259,3 +259,22 @@ def test_oracle_pair_prefers_the_higher_reward_with_its_gap_as_margin_and_skips_
         and flipped.chosen == variants["object"]
         and flipped.margin == pytest.approx(-want)
     )
+
+
+def test_opt_in_variants_spread_coverage_and_instruction_following() -> None:
+    from mmalign.world.pairs import ALL_VARIANT_KINDS, MORE_VARIANT_KINDS, caption_variants
+
+    variants = caption_variants(SCENE, random.Random(0), kinds=ALL_VARIANT_KINDS)
+    assert set(MORE_VARIANT_KINDS) <= set(variants)
+    oracle = Oracle()
+    scores = {k: oracle.aspect_scores(SCENE, variants[k]) for k in ("true", "omit", "omit2", "garbled")}
+    assert [scores[k]["coverage"] for k in ("true", "omit", "omit2")] == pytest.approx([4.0, 8 / 3, 4 / 3])
+    assert scores["omit2"]["correctness"] == 4.0 and scores["omit2"]["instruction_following"] == 4.0
+    # one of three sentences has lost its shape word: no longer well-formed
+    assert scores["garbled"]["instruction_following"] == pytest.approx(4.0 * 2 / 3)
+    broken = [s for s in parse_response(variants["garbled"]).sentences if not s.well_formed]
+    assert len(broken) == 1 and not any(w in broken[0].text for w in ("circle", "square", "star"))
+    assert "omit2" not in caption_variants(
+        Scene(objects=(CIRCLE, SQUARE), background="gray"), random.Random(0), kinds=ALL_VARIANT_KINDS
+    )
+    assert set(MORE_VARIANT_KINDS).isdisjoint(caption_variants(SCENE, random.Random(0)))  # opt-in only

@@ -218,8 +218,13 @@ def inject_midcaption_errors(
 
 
 VARIANT_KINDS = ("true", "object", "color", "omit", "repeat", "object+color")
-"""Caption variants of :func:`caption_variants`: the true caption, one invented object, one wrong colour,
-one object sentence left out, one sentence said twice, and an invented object plus a wrong colour."""
+"""Caption variants of :func:`caption_variants` by default: the true caption, one invented object, one wrong
+colour, one object sentence left out, one sentence said twice, and an invented object plus a wrong colour."""
+MORE_VARIANT_KINDS = ("omit2", "garbled")
+"""Opt-in variants that spread the aspects the default ones leave nearly constant: ``omit2`` leaves out
+two object sentences (coverage ½ of the objects or less; needs ≥ 3 objects), ``garbled`` drops the shape
+word of one object sentence, so that sentence is no longer well-formed (instruction following)."""
+ALL_VARIANT_KINDS = VARIANT_KINDS + MORE_VARIANT_KINDS
 
 
 def caption_variants(
@@ -234,9 +239,11 @@ def caption_variants(
     Kinds that cannot be realised for this scene (no absent shape, a single object for ``color`` or
     ``omit``) are left out, as are variants that coincide with another one.
     """
-    unknown = [k for k in kinds if k not in VARIANT_KINDS]
+    unknown = [k for k in kinds if k not in ALL_VARIANT_KINDS]
     if unknown:
-        raise DataError(f"unknown variant kinds {unknown}; expected some of {VARIANT_KINDS}", field="kinds")
+        raise DataError(
+            f"unknown variant kinds {unknown}; expected some of {ALL_VARIANT_KINDS}", field="kinds"
+        )
     true = " ".join(caption_sentences(scene))
     sentences = caption_sentences(scene)
     n = len(scene.objects)
@@ -252,6 +259,18 @@ def caption_variants(
         elif kind == "repeat":
             k = rng.randrange(len(sentences))
             text = " ".join([*sentences[: k + 1], sentences[k], *sentences[k + 1 :]])
+        elif kind == "omit2":
+            if n < 3:
+                continue
+            left_out = set(rng.sample(range(n), 2))
+            text = " ".join(s for i, s in enumerate(sentences) if i not in left_out)
+        elif kind == "garbled":
+            if not n:
+                continue
+            k = rng.randrange(n)
+            shape = scene.objects[k].shape
+            broken = sentences[k].replace(f" {shape} ", " ", 1)
+            text = " ".join([*sentences[:k], broken, *sentences[k + 1 :]])
         else:
             errors = tuple(kind.split("+"))
             if ("color" in errors and n < 2) or not scene.objects:
