@@ -109,13 +109,23 @@ def test_swap_is_scoped_nested_and_switchable_by_environment(monkeypatch: pytest
     assert modeling_llama.LlamaRMSNorm.forward is ORIGINAL_NORM_FORWARD
 
 
-def test_a_norm_with_other_maths_is_not_swapped() -> None:
+def test_a_norm_or_rotary_with_other_maths_is_not_swapped() -> None:
     class OnePlusNorm(modeling_llama.LlamaRMSNorm):  # Gemma-style w + 1 scaling
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
             return super().forward(hidden_states) + hidden_states * 0 + 1.0
 
     assert not kernels._is_plain_rmsnorm(OnePlusNorm)
     assert kernels._is_plain_rmsnorm(modeling_llama.LlamaRMSNorm)
+
+    def interleaved_rotary(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1) -> Any:  # GPT-J style
+        def rot(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    assert not kernels._is_plain_rotary(interleaved_rotary)
+    assert kernels._is_plain_rotary(ORIGINAL_ROTARY)
 
 
 def param_grads(model: Any) -> dict[str, torch.Tensor]:

@@ -52,7 +52,8 @@ RMSNORM_CLASSES = (
 :func:`_is_plain_rmsnorm`, which compares outputs on a probe input)."""
 
 ROTARY_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.mistral.modeling_mistral")
-"""Modeling modules whose ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` is the half-rotation."""
+"""Modeling modules whose ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` is the half-rotation
+(checked at swap time by :func:`_is_plain_rotary`)."""
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -155,6 +156,23 @@ def _is_plain_rmsnorm(cls: Any) -> bool:
     return bool(torch.allclose(want, got, rtol=1e-12, atol=1e-12))
 
 
+@functools.cache
+def _is_plain_rotary(fn: Any) -> bool:
+    """Whether ``fn(q, k, cos, sin)`` is the half-rotation :class:`_RotaryFn` computes (float64 probe, once
+    per function)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, 3, 4, generator=gen, dtype=torch.float64).unbind(0)  # (H, T, D) each
+    q, k = q[None], k[None]  # (1, 2, 3, 4)
+    angles = torch.randn(1, 3, 2, generator=gen, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (1, 3, 4)
+    try:
+        want = fn(q, k, cos, sin)
+    except TypeError:
+        return False
+    got = _lean_apply_rotary_pos_emb(q, k, cos, sin)
+    return all(torch.allclose(w, g, rtol=1e-12, atol=1e-12) for w, g in zip(want, got, strict=True))
+
+
 def _install() -> None:
     for module_name, class_name in RMSNORM_CLASSES:
         cls = getattr(_module(module_name), class_name, None)
@@ -165,7 +183,7 @@ def _install() -> None:
     for module_name in ROTARY_MODULES:
         mod = _module(module_name)
         original = getattr(mod, "apply_rotary_pos_emb", None)
-        if original is None or original is _lean_apply_rotary_pos_emb:
+        if original is None or original is _lean_apply_rotary_pos_emb or not _is_plain_rotary(original):
             continue
         _saved.append((mod, "apply_rotary_pos_emb", original))
         mod.apply_rotary_pos_emb = _lean_apply_rotary_pos_emb
