@@ -48,6 +48,7 @@ from mmalign.losses.reward import (
     pairs_from_ranking,
 )
 from mmalign.models.heads import RewardModel
+from mmalign.models.kernels import lean_kernels
 from mmalign.models.logprobs import token_logps_from_logits
 from mmalign.recipes.run import (
     MetricsLogger,
@@ -437,7 +438,7 @@ def run_rm(cfg: RMConfig, resume: bool = False, *, overwrite: bool = False) -> R
                 break
             sums: dict[str, float] = {}
             for batch in window:
-                with autocast:
+                with autocast, lean_kernels():  # every kind; same values (models.kernels)
                     loss, info = objective(rm, batch)
                 (loss / len(window)).backward()
                 for k, v in info.items():
