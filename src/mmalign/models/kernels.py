@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -135,10 +135,9 @@ def enabled() -> bool:
 
 
 def _module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError:  # an older/newer transformers without this model
-        return None
+    """The modeling module if it is already imported (no model of it can exist otherwise; importing it here
+    would only add start-up time), else None."""
+    return sys.modules.get(name)
 
 
 @functools.cache
