@@ -11,7 +11,7 @@ import torch
 
 from mmalign.data.io import write_jsonl
 from mmalign.data.schema import Message, Ranking
-from mmalign.errors import ConfigError, DataError
+from mmalign.errors import ConfigError, DataError, ModelLoadError
 from mmalign.eval.rm_eval import calibration, critique_names_error, pair_accuracy, spearman
 from mmalign.models.heads import load_reward_model
 from mmalign.recipes.pairs import variant_pairs
@@ -248,6 +248,9 @@ def test_a_fact_rm_saved_before_placements_were_recorded_loads_with_user_placeme
     assert meta.pop("facts_placement") == "user"
     (out / "reward_head.json").write_text(json.dumps(meta))
     assert load_reward_model(out)[0].facts_placement == "user"
+    (out / "reward_head.json").write_text(json.dumps({**meta, "facts_placement": "prompt"}))
+    with pytest.raises(ModelLoadError, match=r"reward_head\.json: facts_placement must be one of"):
+        load_reward_model(out)
 
 
 def test_facts_placement_is_validated() -> None:

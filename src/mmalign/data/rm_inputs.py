@@ -8,9 +8,10 @@ was trained with facts must be scored with the same facts):
   them in a system turn *before* the conversation, which leaves the user turn and the response exactly as
   the backbone saw them in SFT: with rotary positions every distance between response, question and image
   tokens is unchanged. Placement ``user`` appends them to the last user turn (LLaVA-RLHF's layout), which
-  puts the facts between the question and the response. In the shapes world (2000 scenes, 6000 steps,
-  frozen vision) ``system`` gave 0.985 held-out accuracy and 0.984 on hallucination pairs against 0.886 /
-  0.899 for ``user`` and 0.974 / 0.964 for the plain RM (docs/RESULTS.md);
+  puts the facts between the question and the response. In the shapes world (SFT backbone, 2000 scenes,
+  6000 steps, frozen vision) ``user`` left the fact RM well below the plain RM on hallucination pairs
+  (0.899 vs 0.964) and ``system`` brings it level (0.945 vs 0.944 over 3 seeds); with a weak-vision
+  backbone the fact RM is clearly ahead (docs/RESULTS.md);
 - :func:`critique_conversation` (MM-RLHF's critique RM): the question and the response to judge become
   one user turn ending with ``CRITIQUE_REQUEST``; the RM's assistant turn is the critique, and the
   scalar head reads the state after it. Only the critique is an assistant turn, so the SFT collator's

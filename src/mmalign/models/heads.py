@@ -30,6 +30,7 @@ from torch import nn
 
 from mmalign.atomic import atomic_write_json
 from mmalign.data.pairs import PairBatch
+from mmalign.data.rm_inputs import FACTS_PLACEMENTS, FactsPlacement
 from mmalign.errors import ModelLoadError
 from mmalign.models.kernels import lean_kernels
 from mmalign.models.logprobs import PrefixCache, base_model_of, stacked_responses, warn_unsupported
@@ -105,7 +106,7 @@ class RewardModel(_HeadModel):
         dim: int = 1,
         aspects: Sequence[str] | None = None,
         kind: str = "bt",
-        facts_placement: str = "system",
+        facts_placement: FactsPlacement = "system",
     ) -> None:
         super().__init__(backbone, dim)
         if aspects is not None and len(aspects) != dim:
@@ -218,14 +219,19 @@ def load_reward_model(
     if not head_cfg.exists() or not head_weights.exists():
         raise ModelLoadError(f"{folder}: not a reward model ({HEAD_CONFIG} and {HEAD_WEIGHTS} expected)")
     meta = json.loads(head_cfg.read_text())
+    # fact RMs saved before the placement was recorded read their facts in the user turn
+    placement = meta.get("facts_placement", "user" if meta.get("kind") == "fact" else "system")
+    if placement not in FACTS_PLACEMENTS:
+        raise ModelLoadError(
+            f"{head_cfg}: facts_placement must be one of {FACTS_PLACEMENTS}, got {placement!r}"
+        )
     backbone, processor = load_model(folder, dtype=dtype, for_training=for_training)  # type: ignore[arg-type]
     rm = RewardModel(
         backbone,
         dim=int(meta["dim"]),
         aspects=meta.get("aspects"),
         kind=str(meta["kind"]),
-        # fact RMs saved before the placement was recorded read their facts in the user turn
-        facts_placement=str(meta.get("facts_placement", "user" if meta["kind"] == "fact" else "system")),
+        facts_placement=placement,
     )
     rm.head.load_state_dict(load_file(str(head_weights)))
     rm.head.to(next(backbone.parameters()).dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -185,7 +185,6 @@ class ModelReward:
     ) -> None:
         self.model, self.processor = model, processor
         self.kind = model.kind
-        self.facts_placement = cast("FactsPlacement", getattr(model, "facts_placement", "system"))
         self.name = f"rm:{self.kind}"
         self.batch_size = batch_size
         self.critique_max_new_tokens = critique_max_new_tokens
@@ -229,7 +228,7 @@ class ModelReward:
                         batch.responses[i] or EMPTY_RESPONSE,
                         batch.truths[i],
                         critiques[i] if critiques is not None else None,
-                        self.facts_placement,
+                        self.model.facts_placement,
                     )
                     ex = self.collator.render_messages(messages, batch.images[i], str(i))
                     if ex is not None:
