@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,23 +88,29 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+def short_run(backbone: str, train: Path, out_dir: Path, *, lr: float = 1e-2, **fields: Any) -> RMConfig:
+    """A few-step RM run on the tiny backbone (no progress bar) with ``fields`` overriding the config."""
+    cfg = RMConfig(model=backbone, data=str(train), out_dir=str(out_dir), progress_bar=False, **fields)
+    cfg.optim.lr = lr
+    return cfg
+
+
 @pytest.mark.parametrize("kind", ["bt", "fact", "critique", "aspects"])
 def test_run_rm_trains_each_kind_saves_a_loadable_rm_and_evaluates(
     kind: str, rm_data: tuple[Path, Path], backbone: str, tmp_path: Path
 ) -> None:
     train, val = rm_data
-    cfg = RMConfig(
-        model=backbone,
-        data=str(train),
+    cfg = short_run(
+        backbone,
+        train,
+        tmp_path / kind,
+        lr=1e-3,
         val_data=str(val),
-        out_dir=str(tmp_path / kind),
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         batch_size=8,
         max_steps=6,
-        progress_bar=False,
         n_val=6,
     )
-    cfg.optim.lr = 1e-3
     result = run_rm(cfg)
     assert result.steps == 6
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
@@ -130,15 +137,9 @@ def test_freeze_keeps_the_matching_backbone_parameters_and_trains_the_rest(
     from mmalign.models.load import load_model
 
     train, _ = rm_data
-    cfg = RMConfig(
-        model=backbone,
-        data=str(train),
-        out_dir=str(tmp_path / "frozen"),
-        freeze=("vision_tower", "multi_modal_projector"),
-        max_steps=3,
-        progress_bar=False,
+    cfg = short_run(
+        backbone, train, tmp_path / "frozen", freeze=("vision_tower", "multi_modal_projector"), max_steps=3
     )
-    cfg.optim.lr = 1e-2
     result = run_rm(cfg)
     before = dict(load_model(backbone, dtype="fp32")[0].named_parameters())
     after = dict(load_reward_model(result.model_dir)[0].backbone.named_parameters())
@@ -186,17 +187,15 @@ def test_run_rm_select_best_saves_the_best_evaluated_weights(
     rm_data: tuple[Path, Path], backbone: str, tmp_path: Path
 ) -> None:
     train, val = rm_data
-    cfg = RMConfig(
-        model=backbone,
-        data=str(train),
+    cfg = short_run(
+        backbone,
+        train,
+        tmp_path / "best",
         val_data=str(val),
-        out_dir=str(tmp_path / "best"),
         max_steps=4,
         eval_every=1,
         select_best="mean_margin",
-        progress_bar=False,
     )
-    cfg.optim.lr = 1e-2
     result = run_rm(cfg)
     logged = {
         r["step"]: r["val/mean_margin"]
