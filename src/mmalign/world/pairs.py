@@ -237,7 +237,8 @@ def caption_variants(
     """Model-free responses of known quality for reward-model data, ``{kind: caption}``.
 
     Kinds that cannot be realised for this scene (no absent shape, a single object for ``color`` or
-    ``omit``) are left out, as are variants that coincide with another one.
+    ``omit``, fewer than three objects for ``omit2``, none for ``garbled``) are left out, as are variants
+    that coincide with another one.
     """
     unknown = [k for k in kinds if k not in ALL_VARIANT_KINDS]
     if unknown:
