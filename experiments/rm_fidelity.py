@@ -70,25 +70,32 @@ def make_data(
     seed: int,
     n_select: int = 0,
     kinds: tuple[str, ...] = VARIANT_KINDS,
+    detailed_share: float = 0.0,
 ) -> dict[str, Path]:
     """Clean and noisy training pairs, the held-out pairs (``eval_scenes(n_val, seed + 3000)``, clean) and,
     with ``n_select``, a selection split for early stopping: the pairs of the last ``n_select`` *training*
-    scenes (clean labels), which are then left out of training."""
+    scenes (clean labels), which are then left out of training. ``detailed_share`` of the scenes (in every
+    split) are asked for a detailed caption (``variant_pairs``)."""
     paths = {}
     images = out / "images"
     scenes = train_scenes(n_train, seed)
     fit, select = (scenes[:-n_select], scenes[-n_select:]) if n_select else (scenes, [])
+    common: dict[str, Any] = {
+        "seed": seed,
+        "kinds": kinds,
+        "image_dir": images,
+        "relative_to": out,
+        "detailed_share": detailed_share,
+    }
     for name, oracle in (("clean", Oracle(seed=seed)), ("noisy", Oracle(noise=noise, seed=seed))):
-        pairs = variant_pairs(fit, seed=seed, kinds=kinds, oracle=oracle, image_dir=images, relative_to=out)
+        pairs = variant_pairs(fit, oracle=oracle, **common)
         write_pairs(out / f"train_{name}.jsonl", pairs)
         paths[name] = out / f"train_{name}.jsonl"
     if select:
-        picked = variant_pairs(select, seed=seed, kinds=kinds, image_dir=images, relative_to=out)
+        picked = variant_pairs(select, **common)
         write_pairs(out / "select.jsonl", picked)
         paths["select"] = out / "select.jsonl"
-    val = variant_pairs(
-        eval_scenes(n_val, seed + 3000), seed=seed, kinds=kinds, image_dir=images, relative_to=out
-    )
+    val = variant_pairs(eval_scenes(n_val, seed + 3000), **common)
     write_pairs(out / "val.jsonl", val)
     paths["val"] = out / "val.jsonl"
     return paths
@@ -192,7 +199,14 @@ def main() -> None:
         "--kinds",
         default=",".join(VARIANT_KINDS),
         help=f"caption variants paired per scene (of {','.join(ALL_VARIANT_KINDS)}); the opt-in "
-        "omit2/garbled spread coverage and instruction following for the aspects RM",
+        "omit2/garbled/garbled2/no_background spread coverage and instruction following for the aspects RM",
+    )
+    ap.add_argument(
+        "--detailed-share",
+        type=float,
+        default=0.0,
+        help="share of scenes asked for a detailed caption (background and word wanted): instruction "
+        "following then depends on the prompt, not only on the response",
     )
     ap.add_argument(
         "--data-dir", default="", help="reuse the pairs of an earlier run (OUT/data) instead of making them"
@@ -210,7 +224,16 @@ def main() -> None:
         }
     else:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-        data = make_data(out / "data", args.n_train, args.n_val, args.noise, args.seed, args.select, kinds)
+        data = make_data(
+            out / "data",
+            args.n_train,
+            args.n_val,
+            args.noise,
+            args.seed,
+            args.select,
+            kinds,
+            args.detailed_share,
+        )
     val_pairs = [r for r in read_jsonl(data["val"]) if isinstance(r, PreferencePair)]
     runs = {
         "bt": ("bt", "clean"),

@@ -185,3 +185,39 @@ def test_pair_stats_counts_pairs_whose_change_is_followed_by_an_untouched_senten
     assert [has_midresponse_change(p) for p in (mid, tail, last_word, no_spans)] == [True, False, False, True]
     assert pair_stats([mid, tail, last_word, no_spans]) == {"n": 4, "mean_margin": 3.5 / 3, "mid_share": 0.5}
     assert pair_stats([]) == {"n": 0, "mean_margin": None, "mid_share": 0.0}
+
+
+def test_variant_pairs_ask_a_seeded_share_of_scenes_for_a_detailed_caption() -> None:
+    from mmalign.recipes.pairs import variant_pairs
+    from mmalign.world.grammar import DETAILED_CAPTION_PROMPT
+    from mmalign.world.pairs import ALL_VARIANT_KINDS, task_of
+
+    scenes = eval_scenes(12, seed=5)
+
+    def by_scene(pairs: list[PreferencePair]) -> dict[str, list[PreferencePair]]:
+        out: dict[str, list[PreferencePair]] = {}
+        for pair in pairs:
+            out.setdefault(pair.meta["group"], []).append(pair)
+        return out
+
+    brief = by_scene(variant_pairs(scenes, seed=1, kinds=ALL_VARIANT_KINDS))
+    assert by_scene(variant_pairs(scenes, seed=1, kinds=ALL_VARIANT_KINDS, detailed_share=0.0)) == brief
+    mixed = by_scene(variant_pairs(scenes, seed=1, kinds=ALL_VARIANT_KINDS, detailed_share=0.5))
+    tasks = {g: {task_of(p.prompt) for p in ps} for g, ps in mixed.items()}
+    assert all(len(t) == 1 for t in tasks.values())  # one prompt per scene
+    detailed = {g for g, t in tasks.items() if t == {"detailed"}}
+    assert 0 < len(detailed) < len(mixed)
+    for group, pairs in mixed.items():  # the brief scenes keep exactly their variants and labels
+        if group not in detailed:
+            assert pairs == brief[group]
+    for group in detailed:
+        pairs = mixed[group]
+        assert pairs[0].prompt[-1].text == DETAILED_CAPTION_PROMPT
+        assert any("no_background" in p.meta["kinds"] for p in pairs)
+        # the oracle scored them as detailed captions: the true one covers background and word too
+        true = next(p for p in pairs if p.meta["kinds"][0] == "true")
+        assert "The background is" in true.chosen and true.scores["chosen"]["coverage"] == 4.0
+    again = by_scene(variant_pairs(scenes, seed=1, kinds=ALL_VARIANT_KINDS, detailed_share=0.5))
+    assert again == mixed
+    with pytest.raises(DataError, match="detailed_share"):
+        variant_pairs(scenes, detailed_share=1.5)

@@ -265,7 +265,7 @@ def test_opt_in_variants_spread_coverage_and_instruction_following() -> None:
     from mmalign.world.pairs import ALL_VARIANT_KINDS, MORE_VARIANT_KINDS, caption_variants
 
     variants = caption_variants(SCENE, random.Random(0), kinds=ALL_VARIANT_KINDS)
-    assert set(MORE_VARIANT_KINDS) <= set(variants)
+    assert set(variants) == set(ALL_VARIANT_KINDS) - {"no_background"}  # a brief caption has none
     oracle = Oracle()
     scores = {k: oracle.aspect_scores(SCENE, variants[k]) for k in ("true", "omit", "omit2", "garbled")}
     assert [scores[k]["coverage"] for k in ("true", "omit", "omit2")] == pytest.approx([4.0, 8 / 3, 4 / 3])
@@ -278,3 +278,51 @@ def test_opt_in_variants_spread_coverage_and_instruction_following() -> None:
         Scene(objects=(CIRCLE, SQUARE), background="gray"), random.Random(0), kinds=ALL_VARIANT_KINDS
     )
     assert set(MORE_VARIANT_KINDS).isdisjoint(caption_variants(SCENE, random.Random(0)))  # opt-in only
+
+
+def test_garbled2_breaks_two_sentences_and_new_kinds_leave_the_earlier_draws_alone() -> None:
+    from mmalign.world.pairs import ALL_VARIANT_KINDS, caption_variants
+
+    variants = caption_variants(SCENE, random.Random(0), kinds=ALL_VARIANT_KINDS)
+    broken = [s for s in parse_response(variants["garbled2"]).sentences if not s.well_formed]
+    assert len(broken) == 2
+    assert Oracle().aspect_scores(SCENE, variants["garbled2"])["instruction_following"] == pytest.approx(
+        4 / 3
+    )
+    assert "garbled2" not in caption_variants(
+        Scene(objects=(CIRCLE,), background="gray"), random.Random(0), kinds=("garbled2",)
+    )
+    # each kind draws from the stream in order: kinds appended later never change the ones before
+    eight = ("true", "object", "color", "omit", "repeat", "object+color", "omit2", "garbled")
+    before = caption_variants(SCENE, random.Random(7), kinds=eight)
+    assert {
+        k: v
+        for k, v in caption_variants(SCENE, random.Random(7), kinds=ALL_VARIANT_KINDS).items()
+        if k in eight
+    } == before
+
+
+def test_detailed_variants_start_from_the_detailed_caption_and_can_drop_the_background() -> None:
+    from mmalign.world.oracle import judge_exact
+    from mmalign.world.pairs import ALL_VARIANT_KINDS, caption_variants
+
+    variants = caption_variants(SCENE, random.Random(0), kinds=ALL_VARIANT_KINDS, detailed=True)
+    assert set(variants) == set(ALL_VARIANT_KINDS)
+    assert variants["true"] == caption(SCENE, detailed=True)
+    assert variants["no_background"] == caption(SCENE, detailed=True).replace(" The background is gray.", "")
+    for kind in ("object", "color", "omit", "garbled", "garbled2"):  # object edits keep background and word
+        assert variants[kind].endswith("The background is gray. The word cat is written."), kind
+    judged = {k: judge_exact(SCENE, v) for k, v in variants.items()}
+    assert judged["object"].n_object_hallucinations == 1 and judged["color"].n_attribute_errors == 1
+    oracle = Oracle()
+    score = {k: oracle.aspect_scores(SCENE, v, task="detailed") for k, v in variants.items()}
+    assert score["true"] == dict.fromkeys(score["true"], 4.0)
+    # the detailed prompt asks for the background: following it is worth one point, covering it a fifth
+    # of coverage (3 objects + background + word)
+    assert score["no_background"]["instruction_following"] == 3.0
+    assert score["no_background"]["coverage"] == pytest.approx(4.0 * 4 / 5)
+    assert score["no_background"]["correctness"] == 4.0
+    # two of five sentences without their shape word
+    assert score["garbled2"]["instruction_following"] == pytest.approx(4.0 * 3 / 5)
+    # the same text answered to the brief prompt follows it fully
+    assert oracle.aspect_scores(SCENE, variants["no_background"])["instruction_following"] == 4.0

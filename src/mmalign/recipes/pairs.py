@@ -181,17 +181,31 @@ def variant_pairs(
     config: WorldConfig | None = None,
     image_dir: str | Path | None = None,
     relative_to: str | Path | None = None,
+    detailed_share: float = 0.0,
 ) -> list[PreferencePair]:
     """Reward-model data without a model: per scene, the caption variants of ``caption_variants`` (true,
     invented object, wrong colour, omission, repetition, …) and every pair of them with different oracle
     rewards, labelled by ``oracle`` (give it ``noise`` for human-like label noise). Pairs of one scene share
-    ``meta["group"]`` (Acc+ groups) and carry scores, critiques, facts and margins."""
+    ``meta["group"]`` (Acc+ groups) and carry scores, critiques, facts and margins.
+
+    ``detailed_share``: the share of scenes (drawn per scene from its own seeded stream, so the other
+    scenes' variants do not change) asked with the detailed-caption prompt; their variants start from the
+    detailed caption, and the oracle scores them as ``detailed`` (coverage counts background and word,
+    instruction following drops when the background is missing — see ``Oracle.aspect_scores``)."""
+    if not 0.0 <= detailed_share <= 1.0:
+        raise DataError(f"detailed_share must be in [0, 1], got {detailed_share}", field="detailed_share")
     oracle, store = oracle or Oracle(), _Images(image_dir, relative_to)
-    prompt = [Message.user(CAPTION_PROMPT, n_images=1)]
+    prompts = {
+        False: [Message.user(CAPTION_PROMPT, n_images=1)],
+        True: [Message.user(DETAILED_CAPTION_PROMPT, n_images=1)],
+    }
     out: list[PreferencePair] = []
     for scene in scenes:
         rng = random.Random(f"mmalign-variants-{seed}-{scene.seed}-{scene.index}")
-        variants = list(caption_variants(scene, rng, kinds=kinds, config=config).items())
+        task_rng = random.Random(f"mmalign-variants-task-{seed}-{scene.seed}-{scene.index}")
+        detailed = detailed_share > 0 and task_rng.random() < detailed_share
+        prompt = prompts[detailed]
+        variants = list(caption_variants(scene, rng, kinds=kinds, config=config, detailed=detailed).items())
         image = render(scene, config.image_size if config else None)
         group = f"scene-{scene.seed}-{scene.index:06d}"
         made = 0

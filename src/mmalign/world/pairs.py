@@ -220,10 +220,13 @@ def inject_midcaption_errors(
 VARIANT_KINDS = ("true", "object", "color", "omit", "repeat", "object+color")
 """Caption variants of :func:`caption_variants` by default: the true caption, one invented object, one wrong
 colour, one object sentence left out, one sentence said twice, and an invented object plus a wrong colour."""
-MORE_VARIANT_KINDS = ("omit2", "garbled")
+MORE_VARIANT_KINDS = ("omit2", "garbled", "garbled2", "no_background")
 """Opt-in variants that spread the aspects the default ones leave nearly constant: ``omit2`` leaves out
 two object sentences (coverage ½ of the objects or less; needs ≥ 3 objects), ``garbled`` drops the shape
-word of one object sentence, so that sentence is no longer well-formed (instruction following)."""
+word of one object sentence, so that sentence is no longer well-formed (instruction following),
+``garbled2`` does that to two object sentences (needs ≥ 2 objects), and ``no_background`` — for a
+*detailed* caption only — leaves out the background sentence the detailed prompt asks for (the oracle takes
+1 off instruction following, and coverage counts the background)."""
 ALL_VARIANT_KINDS = VARIANT_KINDS + MORE_VARIANT_KINDS
 
 
@@ -233,21 +236,26 @@ def caption_variants(
     *,
     kinds: Sequence[str] = VARIANT_KINDS,
     config: WorldConfig | None = None,
+    detailed: bool = False,
 ) -> dict[str, str]:
     """Model-free responses of known quality for reward-model data, ``{kind: caption}``.
 
-    Kinds that cannot be realised for this scene (no absent shape, a single object for ``color`` or
-    ``omit``, fewer than three objects for ``omit2``, none for ``garbled``) are left out, as are variants
-    that coincide with another one.
+    With ``detailed`` every variant starts from the detailed caption (object sentences, then background and
+    word, ``caption_sentences(scene, detailed=True)``) — the responses to the detailed-caption prompt; object
+    edits touch object sentences only. Kinds that cannot be realised for this scene (no absent shape, a
+    single object for ``color`` or ``omit``, fewer than three objects for ``omit2``, none for ``garbled``,
+    fewer than two for ``garbled2``, a brief caption for ``no_background``) are left out, as are variants
+    that coincide with another one. Each kind draws from ``rng`` in the order of ``kinds``, so adding a kind
+    at the end never changes the variants before it.
     """
     unknown = [k for k in kinds if k not in ALL_VARIANT_KINDS]
     if unknown:
         raise DataError(
             f"unknown variant kinds {unknown}; expected some of {ALL_VARIANT_KINDS}", field="kinds"
         )
-    true = " ".join(caption_sentences(scene))
-    sentences = caption_sentences(scene)
-    n = len(scene.objects)
+    sentences = caption_sentences(scene, detailed=detailed)
+    true = " ".join(sentences)
+    n = len(scene.objects)  # sentences[:n] are the object sentences, in object order
     out: dict[str, str] = {}
     for kind in kinds:
         if kind == "true":
@@ -265,21 +273,32 @@ def caption_variants(
                 continue
             left_out = set(rng.sample(range(n), 2))
             text = " ".join(s for i, s in enumerate(sentences) if i not in left_out)
-        elif kind == "garbled":
-            if not n:
+        elif kind in ("garbled", "garbled2"):
+            n_broken = 1 if kind == "garbled" else 2
+            if n < n_broken:
                 continue
-            k = rng.randrange(n)
-            shape = scene.objects[k].shape
-            broken = sentences[k].replace(f" {shape} ", " ", 1)
-            text = " ".join([*sentences[:k], broken, *sentences[k + 1 :]])
+            broken = set(rng.sample(range(n), n_broken)) if n_broken > 1 else {rng.randrange(n)}
+            text = " ".join(
+                _without_shape(s, scene.objects[i].shape) if i in broken else s
+                for i, s in enumerate(sentences)
+            )
+        elif kind == "no_background":
+            if not detailed:
+                continue
+            text = " ".join(sentences[:n] + sentences[n + 1 :])  # background follows the objects
         else:
             errors = tuple(kind.split("+"))
             if ("color" in errors and n < 2) or not scene.objects:
                 continue
-            text = inject_midcaption_errors(scene, rng, kinds=errors, config=config)
+            text = inject_midcaption_errors(scene, rng, kinds=errors, config=config, detailed=detailed)
         if text.strip() and text not in out.values():
             out[kind] = text
     return out
+
+
+def _without_shape(sentence: str, shape: str) -> str:
+    """An object sentence without its shape word: no longer well-formed for the world grammar."""
+    return sentence.replace(f" {shape} ", " ", 1)
 
 
 def oracle_pair(
