@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rm_on_policy import error_class  # experiments/ is on sys.path when run as a script
 
 from mmalign.data.io import read_jsonl
 from mmalign.data.schema import PreferencePair
@@ -53,11 +54,17 @@ HALLUCINATING = {"object", "object+color"}
 
 
 def pair_kind(pair: PreferencePair) -> str:
+    """``a~b`` for a pair of caption variants; ``policy.<error class>`` for an on-policy corrected pair
+    (``rm_on_policy.py``: what the sampled caption got wrong)."""
+    if "kinds" not in pair.meta:
+        return f"policy.{error_class(pair)}"
     return "~".join(sorted(pair.meta["kinds"]))
 
 
 def is_hallucination_pair(pair: PreferencePair) -> bool:
     """Exactly one of the two captions invents an object."""
+    if "kinds" not in pair.meta:  # on-policy: the sample invents a shape, its correction does not
+        return error_class(pair) == "object"
     a, b = pair.meta["kinds"]
     return (a in HALLUCINATING) != (b in HALLUCINATING)
 
