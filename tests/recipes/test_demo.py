@@ -101,3 +101,41 @@ def test_reuse_keeps_finished_stages_and_runs_only_the_new_ones(tmp_path: Path, 
     second = run_demo(tmp_path, size=size, seed=0, stages=("sft", "rm"), reuse=True)
     assert second["sft"] == first["sft"] and "accuracy" in second["rm"]
     assert (tmp_path / "sft" / "metrics.jsonl").read_text() == sft_log
+
+
+def test_rm_stage_trains_on_the_oracle_corrections_of_sampled_captions(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import mmalign.rollout.generate as G
+    from mmalign.data.io import read_jsonl
+    from mmalign.models.tiny import build_tiny
+    from mmalign.recipes.demo import rm_stage
+
+    build_tiny("llava", tmp_path / "sft", seed=0)
+    # every "sample" says the same two things: wrong for nearly every scene, so the oracle corrects it
+    text = "There is a large red circle in the top left. There is a small green star in the bottom right."
+    calls: list[dict[str, Any]] = []
+
+    def fake_generate(
+        model: Any, processor: Any, prompts: list[Any], images: list[Any], **kw: Any
+    ) -> list[str]:
+        calls.append({"n": len(prompts), **kw})
+        return [text] * len(prompts)
+
+    monkeypatch.setattr(G, "generate", fake_generate)
+    size = DemoSize(n_scenes=1, n_eval=1, sft_steps=1, batch_size=4, lr=1e-3, rm_scenes=6, rm_val_scenes=4,
+                    rm_steps=1, rm_policy_samples=3)  # fmt: skip
+    model_dir, metrics = rm_stage(tmp_path / "sft", tmp_path, size, seed=0)
+
+    assert [c["n"] for c in calls] == [6 * 3, 4 * 3]  # k samples of every training, then validation scene
+    assert all(c["do_sample"] and c["temperature"] == 1.0 for c in calls)
+    data = {split: list(read_jsonl(tmp_path / "rm_data" / f"{split}.jsonl")) for split in ("train", "val")}
+    sampled = {split: [r for r in rows if r.source == "oracle-corrected"] for split, rows in data.items()}
+    # identical samples of a scene give one pair; the rejected side is the sample, the chosen its correction
+    assert 0 < len(sampled["train"]) <= 6 and 0 < len(sampled["val"]) <= 4
+    assert all(r.rejected == text and r.chosen != text for rows in sampled.values() for r in rows)
+    assert any(r.source == "oracle-variants" for r in data["train"])  # the variants are still there
+    assert metrics["train_pairs"] == len(data["train"])
+    assert metrics["train_policy_pairs"] == len(sampled["train"])
+    assert metrics["policy_pairs"] == len(sampled["val"]) and 0.0 <= metrics["policy_accuracy"] <= 1.0
+    assert (model_dir / "reward_head.safetensors").is_file()
