@@ -80,3 +80,52 @@ def test_sft_cli_reports_bad_override_clearly() -> None:
     result = runner.invoke(app, ["sft", "max_steps=ten"])
     assert result.exit_code == 2
     assert "max_steps" in result.output and "ten" in result.output
+
+
+def test_world_rm_data_writes_variant_pairs_and_optionally_a_policys_corrected_samples(
+    pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmalign.data.schema import PreferencePair
+    from mmalign.world.pairs import task_of
+
+    def pairs_of(path: Path) -> list[PreferencePair]:
+        rows = list(read_jsonl(path))
+        assert all(isinstance(r, PreferencePair) for r in rows)
+        return rows  # type: ignore[return-value]
+
+    plain = tmp_path / "plain"
+    out = invoke("world", "rm-data", "--out", str(plain), "--n-train", "6", "--n-val", "3")
+    train = pairs_of(plain / "train.jsonl")
+    assert f"{len(train)} training pairs" in out and "policy" not in out
+    assert {k for p in train for k in p.meta["kinds"]} <= {
+        "true",
+        "object",
+        "color",
+        "omit",
+        "repeat",
+        "object+color",
+    }
+    assert {task_of(p.prompt) for p in train} == {"caption"}
+
+    wide = tmp_path / "wide"
+    kinds = "true,garbled,no_background"
+    invoke("world", "rm-data", "--out", str(wide), "--n-train", "8", "--n-val", "2", "--kinds", kinds,
+           "--detailed-share", "1")  # fmt: skip
+    train = pairs_of(wide / "train.jsonl")
+    assert {task_of(p.prompt) for p in train} == {"detailed"}
+    assert {k for p in train for k in p.meta["kinds"]} == set(kinds.split(","))
+
+    # --policy: the policy's samples (here a fixed wrong caption) come back as oracle-corrected pairs
+    import mmalign.rollout.generate as G
+
+    text = "There is a large red circle in the top left. There is a small green star in the bottom right."
+    monkeypatch.setattr(G, "generate", lambda model, processor, prompts, images, **kw: [text] * len(prompts))
+    mixed = tmp_path / "mixed"
+    out = invoke("world", "rm-data", "--out", str(mixed), "--n-train", "6", "--n-val", "3",
+                 "--policy", str(pipeline / "sft" / "final"), "--samples", "2")  # fmt: skip
+    files = {split: pairs_of(mixed / f"{split}.jsonl") for split in ("train", "val")}
+    corrected = {s: [p for p in rows if p.source == "oracle-corrected"] for s, rows in files.items()}
+    assert 0 < len(corrected["train"]) <= 6 and 0 < len(corrected["val"]) <= 3
+    assert all(p.rejected == text for rows in corrected.values() for p in rows)
+    assert f"(of which {len(corrected['train'])} / {len(corrected['val'])} from --policy samples)" in out
+    assert len(files["train"]) - len(corrected["train"]) == len(pairs_of(plain / "train.jsonl"))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from mmalign.errors import MMAlignError
+from mmalign.world.pairs import ALL_VARIANT_KINDS, VARIANT_KINDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 world_app = typer.Typer(no_args_is_help=True, help="The shapes world: make datasets.")
@@ -229,28 +230,73 @@ def world_rm_data(
     n_val: Annotated[int, typer.Option(help="Held-out scenes")] = 60,
     noise: Annotated[float, typer.Option(help="Annotator noise: probability a training label flips")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the scene streams")] = 0,
+    kinds: Annotated[
+        str,
+        typer.Option(
+            help="Caption variants paired per scene, comma-separated, of: " + ",".join(ALL_VARIANT_KINDS)
+        ),
+    ] = ",".join(VARIANT_KINDS),
+    detailed_share: Annotated[
+        float, typer.Option(help="Share of scenes asked for a detailed caption (instruction following)")
+    ] = 0.0,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="Also sample captions from this model (dir or hub id) and add the oracle's corrections of "
+            "the wrong ones (RLHF-V pairs on the policy's own errors) to both files"
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(help="With --policy: sampled captions per scene")] = 8,
 ) -> None:
-    """Reward-model pairs without a model: caption variants (true, invented object, wrong colour, omission,
-    repetition) labelled by the oracle; held-out pairs are always clean."""
-    from mmalign.recipes.pairs import variant_pairs, write_pairs
+    """Reward-model pairs: caption variants (true, invented object, wrong colour, omission, repetition, …)
+    labelled by the oracle, optionally plus the oracle's corrections of a policy's sampled captions — RMs
+    trained on variants alone learn shortcuts of the variant generator (docs/RESULTS.md, session 5).
+    Held-out pairs are always clean."""
+    from mmalign.models.load import load_model
+    from mmalign.recipes.pairs import sample_pairs, variant_pairs, write_pairs
     from mmalign.world.corpus import eval_scenes, train_scenes
     from mmalign.world.oracle import Oracle
 
     try:
+        chosen_kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
         images = out / "images"
-        train = variant_pairs(
-            train_scenes(n_train, seed),
-            seed=seed,
-            oracle=Oracle(noise=noise, seed=seed),
-            image_dir=images,
-            relative_to=out,
-        )
-        val = variant_pairs(eval_scenes(n_val, seed), seed=seed, image_dir=images, relative_to=out)
-        write_pairs(out / "train.jsonl", train)
-        write_pairs(out / "val.jsonl", val)
+        scenes = {"train": train_scenes(n_train, seed), "val": eval_scenes(n_val, seed)}
+        oracles = {"train": Oracle(noise=noise, seed=seed), "val": Oracle()}
+        common: dict[str, Any] = {"image_dir": images, "relative_to": out}
+        pairs = {
+            split: variant_pairs(
+                part,
+                seed=seed,
+                kinds=chosen_kinds,
+                oracle=oracles[split],
+                detailed_share=detailed_share,
+                **common,
+            )
+            for split, part in scenes.items()
+        }
+        sampled = dict.fromkeys(scenes, 0)
+        if policy is not None:
+            model, processor = load_model(policy, for_training=False)
+            for split, part in scenes.items():
+                extra = sample_pairs(
+                    model,
+                    processor,
+                    part,
+                    k=samples,
+                    seed=seed,
+                    kind="corrected",
+                    oracle=oracles[split],
+                    **common,
+                )
+                pairs[split] += extra
+                sampled[split] = len(extra)
+        write_pairs(out / "train.jsonl", pairs["train"])
+        write_pairs(out / "val.jsonl", pairs["val"])
     except MMAlignError as err:
         _fail(err)
-    typer.echo(f"{len(train)} training pairs, {len(val)} held-out pairs in {out}")
+    on_policy = f" (of which {sampled['train']} / {sampled['val']} from --policy samples)" if policy else ""
+    counts = f"{len(pairs['train'])} training pairs, {len(pairs['val'])} held-out pairs"
+    typer.echo(f"{counts}{on_policy} in {out}")
 
 
 @app.command("eval")
